@@ -1,0 +1,182 @@
+"""Dataset registry: a dataset name -> a :class:`TaskData` with a fixed train/test split.
+
+Names are ``KIND`` or ``KIND:ARGS``: ``digits``, ``digits:classes=3,1,4,0,9`` (label i = the
+i-th listed class), ``mnist``, ``cifar10``, ``npz:PATH``, ``folder:PATH``. Every dataset gives
+its input shape, number of classes, train/test split and a fixed-size support set, which is
+what generators condition on (they never see the test split).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from weightgen.registry import Registry
+
+
+class DatasetError(ValueError):
+    """A dataset name, file or argument that cannot be used; the message says what was wrong."""
+
+
+@dataclass
+class TaskData:
+    """A classification task in model-input space: x float32 (N, *input_shape), y int64 in 0..K-1."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def support(self, per_class: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed-size support set from the train split: ``per_class`` examples of each class,
+        in class order (fewer where a class has fewer). Deterministic in ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        xs, ys = [], []
+        for c in range(self.num_classes):
+            idx = (self.y_train == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
+            xs.append(self.x_train[idx])
+            ys.append(self.y_train[idx])
+        return torch.cat(xs), torch.cat(ys)
+
+    def fingerprint(self) -> str:
+        """sha256 over the train split, so results can name exactly which data they used."""
+        h = hashlib.sha256()
+        h.update(self.x_train.numpy().tobytes())
+        h.update(self.y_train.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def info(self) -> dict:
+        return {"name": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+                "n_train": len(self.y_train), "n_test": len(self.y_test), "source": self.source}
+
+
+DATASETS: Registry[Callable[[str], TaskData]] = Registry("dataset")
+
+
+def register_dataset(kind: str):
+    """Register a loader ``fn(args: str) -> TaskData`` for names ``kind`` and ``kind:args``."""
+    return DATASETS.register(kind)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    kind, _, args = name.partition(":")
+    return kind, args
+
+
+def load_dataset(name: str) -> TaskData:
+    """Load a dataset by registry name (cached: loaders are deterministic)."""
+    _ensure_loaders()
+    kind, args = split_name(name)
+    loader = DATASETS.get(kind)
+    if kind in ("npz", "folder"):  # files can change between calls: don't cache
+        return loader(args)
+    return _cached(name)
+
+
+@lru_cache(maxsize=256)
+def _cached(name: str) -> TaskData:
+    kind, args = split_name(name)
+    return DATASETS.get(kind)(args)
+
+
+def parse_kv(args: str, allowed: set[str], dataset: str) -> dict[str, str]:
+    """Parse ``a=1;b=x`` (or a single ``a=...``) arguments, rejecting unknown keys."""
+    out = {}
+    if not args:
+        return out
+    for part in args.split(";"):
+        key, eq, value = part.partition("=")
+        if not eq or key not in allowed:
+            raise DatasetError(
+                f"Bad argument {part!r} for dataset {dataset!r}; expected KEY=VALUE with KEY in {sorted(allowed)}"
+            )
+        out[key] = value
+    return out
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test), per class, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def select_classes(task: TaskData, classes: list[int], name: str) -> TaskData:
+    """The ordered class-subset task: label i = the i-th listed class of ``task``."""
+    if len(classes) < 2:
+        raise DatasetError(f"{name}: a class subset needs at least 2 classes, got {classes}")
+    if len(set(classes)) != len(classes):
+        raise DatasetError(f"{name}: classes must be distinct, got {classes}")
+    bad = [c for c in classes if not 0 <= c < task.num_classes]
+    if bad:
+        raise DatasetError(f"{name}: classes {bad} are not in 0..{task.num_classes - 1}")
+    lut = torch.full((task.num_classes,), -1, dtype=torch.long)
+    lut[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def pick(x, y):
+        keep = lut[y] >= 0
+        return x[keep], lut[y[keep]]
+
+    xtr, ytr = pick(task.x_train, task.y_train)
+    xte, yte = pick(task.x_test, task.y_test)
+    names = [task.class_names[c] if task.class_names else str(c) for c in classes]
+    return TaskData(name, xtr, ytr, xte, yte, len(classes), names, task.source)
+
+
+def parse_classes(value: str, name: str) -> list[int]:
+    try:
+        return [int(c) for c in value.split(",") if c.strip() != ""]
+    except ValueError:
+        raise DatasetError(f"{name}: classes must be comma-separated integers, got {value!r}") from None
+
+
+def data_dir() -> Path:
+    """Where real datasets live: ``$WEIGHTGEN_DATA``, default ``$WEIGHTGEN_HOME/data``."""
+    if os.environ.get("WEIGHTGEN_DATA"):
+        return Path(os.environ["WEIGHTGEN_DATA"]).expanduser()
+    from weightgen.paths import home
+
+    return home() / "data"
+
+
+_LOADED = False
+
+
+def _ensure_loaders() -> None:
+    """Import the loader modules so their ``@register_dataset`` runs (kept lazy for import speed)."""
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        from weightgen.data import digits, files  # noqa: F401
+        for optional in ("mnist", "cifar"):
+            try:
+                __import__(f"weightgen.data.{optional}")
+            except ModuleNotFoundError as e:  # a loader module not written yet
+                if e.name != f"weightgen.data.{optional}":
+                    raise
+
+
+def dataset_names() -> list[str]:
+    _ensure_loaders()
+    return DATASETS.names()

@@ -1,0 +1,77 @@
+"""A user's own data: ``npz:PATH`` (arrays already in model-input space) and ``folder:PATH`` (images)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from weightgen.data import DatasetError, TaskData, register_dataset, stratified_split
+
+TEST_FRACTION = 0.3
+
+
+def _check_xy(x, y, path: str, which: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim < 2:
+        raise DatasetError(f"{path}: {which} x must have shape (N, ...features), got {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DatasetError(f"{path}: {which} x must be numeric, got dtype {x.dtype}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DatasetError(f"{path}: {which} y must have shape ({len(x)},) to match x, got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise DatasetError(f"{path}: {which} y must hold integer class labels, got dtype {y.dtype}")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DatasetError(f"{path}: {which} x contains NaN or Inf")
+    return x, y.astype(np.int64)
+
+
+def task_from_arrays(name: str, x, y, x_test=None, y_test=None, source: str = "") -> TaskData:
+    """Validate arrays and make a task; with no test split, a stratified 30 % is held out."""
+    x, y = _check_xy(np.asarray(x), np.asarray(y), name, "train")
+    if len(y) == 0:
+        raise DatasetError(f"{name}: no examples")
+    k = int(y.max()) + 1
+    if y.min() < 0 or set(np.unique(y).tolist()) != set(range(k)):
+        raise DatasetError(f"{name}: labels must be 0..K-1 with every class present, got {sorted(set(np.unique(y).tolist()))}")
+    if k < 2:
+        raise DatasetError(f"{name}: need at least 2 classes, got {k}")
+    if x_test is None:
+        if y_test is not None:
+            raise DatasetError(f"{name}: y_test given without x_test")
+        tr, te = stratified_split(y, TEST_FRACTION, 0)
+        x, y, x_test, y_test = x[tr], y[tr], x[te], y[te]
+    else:
+        if y_test is None:
+            raise DatasetError(f"{name}: x_test given without y_test")
+        x_test, y_test = _check_xy(np.asarray(x_test), np.asarray(y_test), name, "test")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise DatasetError(f"{name}: x_test shape {x_test.shape[1:]} differs from x shape {x.shape[1:]}")
+        if len(y_test) and (y_test.min() < 0 or y_test.max() >= k):
+            raise DatasetError(f"{name}: y_test labels must be in 0..{k - 1}")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return TaskData(name, t(x), t(y), t(x_test), t(y_test), k, [str(i) for i in range(k)], source or name)
+
+
+@register_dataset("npz")
+def load_npz(args: str) -> TaskData:
+    """``npz:PATH``: arrays ``x`` float (N, ...) in model-input space and ``y`` int labels 0..K-1,
+    optional ``x_test``/``y_test``. Loaded with ``allow_pickle=False``: an npz never runs code."""
+    if not args:
+        raise DatasetError("npz dataset needs a path: npz:PATH")
+    path = Path(args).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"npz dataset file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile/format errors, object arrays refused
+        raise DatasetError(f"{path} is not a readable .npz of numeric arrays: {e}") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DatasetError(f"{path}: missing arrays {missing}; found {sorted(arrays)} (need x, y; optional x_test, y_test)")
+    return task_from_arrays(f"npz:{args}", arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"),
+                            source=str(path))

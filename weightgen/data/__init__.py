@@ -169,12 +169,33 @@ def _ensure_loaders() -> None:
     if not _LOADED:
         _LOADED = True
         from weightgen.data import digits, files  # noqa: F401
-        for optional in ("mnist", "cifar"):
+        for optional in ("mnist", "cifar", "folder"):
             try:
                 __import__(f"weightgen.data.{optional}")
             except ModuleNotFoundError as e:  # a loader module not written yet
                 if e.name != f"weightgen.data.{optional}":
                     raise
+
+
+# Shapes known without reading the data, so checkpoints for a dataset can be validated on a
+# machine that does not hold it (ingesting CIFAR-10 checkpoints needs no CIFAR-10 files).
+KNOWN_SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "digits": (10, (64,)), "mnist": (10, (1, 28, 28)), "cifar10": (10, (3, 32, 32)),
+}
+
+
+def dataset_shape(name: str) -> tuple[int, tuple[int, ...]]:
+    """(num_classes, input_shape) of a dataset name, reading the data only when it must."""
+    kind, args = split_name(name)
+    if kind in KNOWN_SHAPES:
+        k, shape = KNOWN_SHAPES[kind]
+        for part in args.split(";") if args else []:
+            key, _, value = part.partition("=")
+            if key == "classes":
+                k = len(parse_classes(value, name))
+        return k, shape
+    task = load_dataset(name)
+    return task.num_classes, task.input_shape
 
 
 def dataset_names() -> list[str]:

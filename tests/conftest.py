@@ -1,0 +1,52 @@
+"""Shared fixtures. Everything runs offline, on CPU, in a temporary $WEIGHTGEN_HOME."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("wg_home")
+    monkeypatch.setenv("WEIGHTGEN_HOME", str(home))
+    monkeypatch.delenv("WEIGHTGEN_ZOO", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (start-up costs ~20 s on 2 cores)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def make_mlp_files(directory, n: int, num_classes: int = 5, start_seed: int = 0, fmt: str = "safetensors"):
+    """n distinct mlp-s checkpoints written as files; returns their paths and state dicts."""
+    from safetensors.torch import save_file
+
+    from weightgen import build_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(start_seed, start_seed + n):
+        torch.manual_seed(i)
+        sd = {k: v.contiguous() for k, v in build_model("mlp-s", num_classes, (64,)).state_dict().items()}
+        p = directory / f"ckpt_{i:05d}.{fmt}"
+        if fmt == "safetensors":
+            save_file(sd, str(p))
+        else:
+            torch.save(sd, str(p))
+        out.append((p, sd))
+    return out

@@ -1,0 +1,173 @@
+"""Safe ingestion: every rejection case, idempotence, kill -9, concurrent writers, Ray batch jobs."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_mlp_files
+from weightgen.cli import main
+from zoo import Zoo, checkpoint_id
+from zoo.ingest import ingest
+
+DS = "digits:classes=0,1,2,3,4"
+
+
+def _zoo_files(zoo_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(zoo_dir)): p.read_bytes() for p in sorted(zoo_dir.rglob("*")) if p.is_file()}
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_every_rejection_leaves_the_zoo_unchanged(tmp_path):
+    zoo_dir = tmp_path / "zoo"
+    files = make_mlp_files(tmp_path / "good", 2)
+    assert ingest([str(p) for p, _ in files], str(zoo_dir), "mlp-s", DS, show_progress=False).ingested
+    before = _zoo_files(zoo_dir)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    marker = tmp_path / "PWNED"
+    sd = files[0][1]
+    torch.save({**sd, "extra": Evil(str(marker))}, bad / "evil.pt")
+    with open(bad / "evil2.pth", "wb") as f:
+        pickle.dump(Evil(str(marker)), f)
+    good_bytes = (tmp_path / "good" / "ckpt_00000.safetensors").read_bytes()
+    (bad / "truncated.safetensors").write_bytes(good_bytes[: len(good_bytes) // 2])
+    torch.save(sd, bad / "full.pt")
+    full = (bad / "full.pt").read_bytes()
+    (bad / "truncated.pt").write_bytes(full[: len(full) // 2])
+    (bad / "full.pt").unlink()
+    save_file({**sd, "fcs.0.weight": torch.full_like(sd["fcs.0.weight"], float("nan"))}, str(bad / "nan.safetensors"))
+    save_file({**sd, "fcs.1.weight": torch.zeros(7, 32)}, str(bad / "shape.safetensors"))
+    save_file({k: v for k, v in sd.items() if k != "fcs.1.bias"}, str(bad / "missing.safetensors"))
+    save_file({**sd, "fcs.0.weight": sd["fcs.0.weight"].to(torch.int32)}, str(bad / "dtype.safetensors"))
+    (bad / "notes.pt").write_text("this is not a checkpoint")
+    torch.save([1, 2, 3], bad / "list.pt")
+
+    s = ingest([str(bad)], str(zoo_dir), "mlp-s", DS, show_progress=False)
+    reasons = {Path(r["path"]).name: r["reason"] for r in s.rejected}
+    assert reasons == {
+        "evil.pt": "unsafe_pickle", "evil2.pth": "unsafe_pickle", "truncated.safetensors": "unreadable",
+        "truncated.pt": "unreadable", "nan.safetensors": "non_finite", "shape.safetensors": "shape_mismatch",
+        "missing.safetensors": "missing_keys", "dtype.safetensors": "bad_dtype", "notes.pt": "unreadable",
+        "list.pt": "not_a_checkpoint",
+    }
+    assert not marker.exists(), "the malicious pickle must never run"
+    assert not s.ingested
+    assert _zoo_files(zoo_dir) == before, "a rejected checkpoint leaves the zoo byte-for-byte unchanged"
+    detail = next(r["detail"] for r in s.rejected if r["path"].endswith("shape.safetensors"))
+    assert "fcs.1.weight" in detail and "[5, 32]" in detail and "[7, 32]" in detail
+
+
+def test_cli_ingest_is_idempotent_and_exit_status_reports_rejections(tmp_path, capsys):
+    files = make_mlp_files(tmp_path / "in", 4, fmt="pt") + make_mlp_files(tmp_path / "in", 2, start_seed=10)
+    zoo = str(tmp_path / "zoo")
+    args = ["zoo", "ingest", str(tmp_path / "in"), "--zoo", zoo, "--arch", "mlp-s", "--dataset", DS, "--json",
+            "--no-progress", "--tag", "t1"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["ingested"] == 6 and first["rejected"] == 0
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["ingested"] == 0 and again["duplicate"] == 6
+    (tmp_path / "in" / "broken.safetensors").write_bytes(b"\x00" * 5)
+    assert main(args) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["rejected_by_reason"] == {"unreadable": 1}
+    assert main(["zoo", "ls", "--zoo", zoo, "--json", "--tag", "t1"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed) == 6 and {r["id"] for r in listed} == {checkpoint_id(sd) for _, sd in files}
+    assert all(r["dataset"] == DS and r["arch"] == "mlp-s" and "metrics" in r for r in listed)
+
+
+def test_hf_folder_and_manifest(tmp_path):
+    files = make_mlp_files(tmp_path / "raw", 3)
+    hf = tmp_path / "hf_model"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(files[0][0].read_bytes())
+    (hf / "config.json").write_text(json.dumps({"arch": "mlp-s", "num_classes": 5, "input_shape": [64]}))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([
+        json.dumps({"path": str(files[1][0]), "dataset": DS, "seed": 7, "metrics": {"test_acc": 0.9}, "tags": ["x"]}),
+        json.dumps({"path": "raw/ckpt_00002.safetensors", "dataset": "digits:classes=5,6,7,8,9", "step": 3}),
+        "{not json",
+    ]))
+    s = ingest([str(hf), str(manifest)], str(tmp_path / "zoo"), arch="mlp-s", show_progress=False)
+    assert len(s.ingested) == 3 and [r["reason"] for r in s.rejected] == ["bad_manifest"]
+    z = Zoo(str(tmp_path / "zoo"), mode="r")
+    r1 = z.get(checkpoint_id(files[1][1]))
+    assert r1["seed"] == 7 and r1["metrics"] == {"test_acc": 0.9} and r1["tags"] == ["x"]
+    assert z.get(checkpoint_id(files[2][1]))["step"] == 3
+    assert z.get(checkpoint_id(files[0][1]))["num_classes"] == 5  # shape from the folder's config.json
+
+
+_KILLABLE = """
+import sys, zoo.ingest as ingest
+ingest.BATCH_ROWS = 8  # many small commits, so a kill lands between and inside them
+from weightgen.cli import main
+sys.exit(main(["zoo", "ingest", sys.argv[1], "--zoo", sys.argv[2], "--arch", "mlp-s",
+               "--dataset", "digits:classes=0,1,2,3,4", "--no-progress"]))
+"""
+
+
+def _commits(zoo_dir: Path) -> int:
+    return len(list(zoo_dir.glob("collections/*/commits/*/zarr.json")))
+
+
+def test_kill_9_mid_ingest_then_rerun_completes(tmp_path):
+    files = make_mlp_files(tmp_path / "in", 400)
+    zoo_dir = tmp_path / "zoo"
+    for attempt, wait_commits in enumerate((2, 10, 25)):
+        proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(tmp_path / "in"), str(zoo_dir)])
+        deadline = time.time() + 60
+        while _commits(zoo_dir) < wait_commits and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        z = Zoo(str(zoo_dir), mode="r")  # opens after a kill -9
+        for ckpt_id in z.ids():  # and every listed entry is whole
+            assert checkpoint_id(z.load(ckpt_id)) == ckpt_id
+        assert len(z) < 400 or attempt > 0
+    proc = subprocess.run([sys.executable, "-c", _KILLABLE, str(tmp_path / "in"), str(zoo_dir)])
+    assert proc.returncode == 0
+    z = Zoo(str(zoo_dir), mode="r")
+    assert set(z.ids()) == {checkpoint_id(sd) for _, sd in files}
+
+
+def test_two_concurrent_ingesters_lose_nothing(tmp_path):
+    a = make_mlp_files(tmp_path / "a", 120)
+    b = make_mlp_files(tmp_path / "b", 120, start_seed=80)  # 40 checkpoints in both
+    zoo_dir = tmp_path / "zoo"
+    procs = [subprocess.Popen([sys.executable, "-c", _KILLABLE, str(tmp_path / d), str(zoo_dir)]) for d in "ab"]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    z = Zoo(str(zoo_dir), mode="r")
+    expected = {checkpoint_id(sd) for _, sd in a + b}
+    assert set(z.ids()) == expected and len(expected) == 200
+    for ckpt_id in list(expected)[::7]:
+        assert checkpoint_id(z.load(ckpt_id)) == ckpt_id
+
+
+@pytest.mark.ray
+def test_ray_batch_ingestion(tmp_path, ray_session):
+    files = make_mlp_files(tmp_path / "in", 30)
+    (tmp_path / "in" / "junk.pt").write_bytes(b"junk")
+    s = ingest([str(tmp_path / "in")], str(tmp_path / "zoo"), "mlp-s", DS, workers=2, show_progress=False)
+    assert len(s.ingested) == 30 and [r["reason"] for r in s.rejected] == ["unreadable"]
+    assert ray_session.is_initialized(), "a Ray instance the caller started stays up"
+    z = Zoo(str(tmp_path / "zoo"), mode="r")
+    assert set(z.ids()) == {checkpoint_id(sd) for _, sd in files}
+    again = ingest([str(tmp_path / "in")], str(tmp_path / "zoo"), "mlp-s", DS, workers=2, show_progress=False)
+    assert len(again.duplicate) == 30 and not again.ingested

@@ -83,13 +83,13 @@ def load_dataset(name: str) -> TaskData:
     _ensure_loaders()
     kind, args = split_name(name)
     loader = DATASETS.get(kind)
-    if kind in ("npz", "folder"):  # files can change between calls: don't cache
+    if kind in ("npz", "folder") or "download" in args:  # files can change between calls: don't cache
         return loader(args)
-    return _cached(name)
+    return _cached(name, str(data_dir()))
 
 
 @lru_cache(maxsize=256)
-def _cached(name: str) -> TaskData:
+def _cached(name: str, _data_dir: str) -> TaskData:  # keyed on the data dir too: moving it means new data
     kind, args = split_name(name)
     return DATASETS.get(kind)(args)
 

@@ -1,0 +1,52 @@
+"""The same zoo code on an S3-compatible object store (moto in server mode, as s3fs's tests do)."""
+import socket
+
+import pytest
+import torch
+
+from conftest import make_mlp_files
+from zoo import Zoo, checkpoint_id
+from zoo.export import export_checkpoint
+from zoo.ingest import ingest
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="zoo-bucket")
+    yield url
+    server.stop()
+
+
+def test_zoo_on_s3_round_trip_ingest_and_query(tmp_path, s3_endpoint):
+    opts = {"key": "test", "secret": "test", "endpoint_url": s3_endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+    url = "s3://zoo-bucket/zoos/a"
+    files = make_mlp_files(tmp_path / "in", 6)
+    s = ingest([str(tmp_path / "in")], url, "mlp-s", "digits:classes=0,1,2,3,4", show_progress=False,
+               storage_options=opts)
+    assert len(s.ingested) == 6
+    z = Zoo(url, mode="r", storage_options=opts)
+    assert set(z.ids()) == {checkpoint_id(sd) for _, sd in files}
+    p, sd = files[2]
+    got = z.load(checkpoint_id(sd))
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    assert z.read_tensor("fcs.1.bias", [checkpoint_id(sd)])[0].equal(sd["fcs.1.bias"])
+    assert len(z.query(arch="mlp-s", dataset="digits:classes=0,1,2,3,4")) == 6
+    out = export_checkpoint(z, checkpoint_id(sd), tmp_path / "exp")
+    assert (out / "model.safetensors").exists()
+    again = ingest([str(tmp_path / "in")], url, "mlp-s", "digits:classes=0,1,2,3,4", show_progress=False,
+                   storage_options=opts)
+    assert len(again.duplicate) == 6

@@ -94,6 +94,44 @@ def cmd_zoo_build(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from training.train import main as train_main
+
+    return train_main(a.rest)
+
+
+def cmd_sample(a) -> int:
+    from weightgen.sampling import sample, write
+
+    res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
+                 instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty)
+    out = write(res, a.out)
+    m = res.manifest
+    if a.json:
+        print(json.dumps(m, indent=1))
+    else:
+        nov = m.get("novelty") or {}
+        print(f"wrote {out}/model.safetensors ({m['arch']}, {m['num_classes']} classes) from {m['generator']}: "
+              f"support acc {m['support_accuracy']:.3f}, predicted acc "
+              f"{m['predicted_accuracy'] if m['predicted_accuracy'] is None else round(m['predicted_accuracy'], 3)}, "
+              f"novelty {nov.get('ratio', float('nan')):.2f}" + (f", refined {m['refine_steps']} steps" if m['refine_steps'] else ""))
+    return 0
+
+
+def cmd_quickstart(a) -> int:
+    from weightgen.quickstart import quickstart
+
+    quickstart(fast=a.fast, show_progress=not a.no_progress)
+    return 0
+
+
+def cmd_generators(a) -> int:
+    from weightgen.sampling import _generator_dirs, generator_info
+
+    print(json.dumps([generator_info(d) for d in _generator_dirs()], indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weightgen", description="Generate ready-to-load neural-network weights.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,18 +191,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_zoo_build)
+
+    s = sub.add_parser("train", help="train a generator (same as `accelerate launch -m training.train`)",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_train)
+
+    from weightgen.archs import ARCHS
+
+    s = sub.add_parser("sample", help="generate ready-to-load weights for an architecture and a dataset")
+    s.add_argument("--arch", required=True, choices=ARCHS.names())
+    s.add_argument("--dataset", required=True, help="registry name (digits:classes=3,1,4) or npz:PATH / folder:PATH")
+    s.add_argument("--generator", help="trained generator name or directory (default: the one for this arch)")
+    s.add_argument("--instruction", help="a text instruction (used by instruction-conditioned generators)")
+    s.add_argument("--n", type=int, default=8, help="candidates to sample")
+    s.add_argument("--select", choices=["best", "none"], default="best",
+                   help="best: keep the candidate with the best support-set accuracy; none: the first one")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--refine", type=int, default=0, metavar="K",
+                   help="K gradient steps on the support set after sampling (off by default; declared in the manifest)")
+    s.add_argument("--no-novelty", action="store_true", help="skip the novelty check against the zoo")
+    s.add_argument("--out", required=True)
+    s.add_argument("--json", action="store_true", help="print the manifest")
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("generators", help="list trained generators")
+    s.set_defaults(fn=cmd_generators)
+
+    s = sub.add_parser("quickstart", help="build the default zoo and train the default generators (idempotent)")
+    s.add_argument("--fast", action="store_true", help="a minutes-long smaller run (smoke test)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_quickstart)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from weightgen.archs import ShapeError
     from weightgen.data import DatasetError
     from weightgen.registry import UnknownNameError
+    from weightgen.sampling import NoGeneratorError
     from zoo.store import ZooError
 
     try:
         return int(args.fn(args) or 0)
-    except (ZooError, DatasetError, UnknownNameError) as e:
+    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,196 @@
+"""Train a weight generator on the zoo: one readable accelerate loop.
+
+    accelerate launch -m training.train --config training/configs/d2nwg_digits.yaml
+    weightgen train --config training/configs/d2nwg_digits.yaml [--resume] [key=value ...]
+
+Stages run in the generator's order (D2NWG: VAE, then diffusion on the frozen VAE's latents).
+Device and precision come from accelerate only. ``save_state`` checkpoints every
+``checkpoint_every`` steps; ``--resume`` continues from the newest one (restoring the stage,
+step, optimizers, EMA and RNG). Between the VAE and the diffusion the autoencoder is gated on
+zoo tasks held out from training: its reconstructions must keep ``gate_min_recon_ratio`` of the
+original weights' accuracy (shared/research/feasibility.md §3: the diffusion cannot beat it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from training.config import TrainConfig, parse_override
+from weightgen.data import load_dataset
+from weightgen.evaluate import accuracy_many
+from weightgen.generators import get_generator_class, resolve_preset
+from weightgen.generators.zoo_data import ZooWeights
+from weightgen.paths import default_zoo, generators_dir, home
+from zoo import open_zoo
+
+
+class Progress:
+    """Where training is (stage index, step): checkpointed with the rest so resume is exact."""
+
+    def __init__(self):
+        self.stage, self.step, self.gate = 0, 0, None
+
+    def state_dict(self):
+        return {"stage": self.stage, "step": self.step, "gate": json.dumps(self.gate)}
+
+    def load_state_dict(self, d):
+        self.stage, self.step, self.gate = int(d["stage"]), int(d["step"]), json.loads(d["gate"])
+
+
+def recon_gate(model, data: ZooWeights, max_tasks: int = 10) -> dict:
+    """Accuracy of VAE reconstructions vs the original weights on (held-out) zoo tasks' test splits."""
+    if not hasattr(model, "reconstruct") or not len(data.ids):
+        return {}
+    orig_acc, rec_acc = [], []
+    for ti in sorted(set(data.task_index.tolist()))[:max_tasks]:
+        rows = (data.task_index == ti).nonzero().flatten()
+        task = load_dataset(data.tasks[ti])
+        rec = model.reconstruct(data.tokens[rows], data.num_classes)
+        from weightgen.generators.common import decode_tokens
+
+        rec_sd = decode_tokens(data.layout, rec, model.stats)
+        orig_sd = {k: v[rows] for k, v in data.weights.items()}
+        orig_acc.append(accuracy_many(data.arch, data.num_classes, data.input_shape, orig_sd, task.x_test, task.y_test))
+        rec_acc.append(accuracy_many(data.arch, data.num_classes, data.input_shape, rec_sd, task.x_test, task.y_test))
+    o, r = torch.cat(orig_acc).mean().item(), torch.cat(rec_acc).mean().item()
+    return {"orig_acc": o, "recon_acc": r, "ratio": r / max(o, 1e-8), "tasks": min(max_tasks, len(set(data.task_index.tolist())))}
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
+    out_dir = Path(cfg.out_dir or generators_dir() / cfg.name)
+    run_dir = Path(cfg.run_dir or home() / "runs" / cfg.name)
+    accelerator = Accelerator(
+        project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=True, total_limit=2),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.seed)
+    t0 = time.time()
+    zoo = open_zoo(cfg.zoo or default_zoo(), mode="r")
+    full = ZooWeights.from_zoo(zoo, cfg.arch, cfg.num_classes, tuple(cfg.input_shape), cfg.dataset_prefix, cfg.mode,
+                               min_test_acc=cfg.min_test_acc, max_checkpoints=cfg.max_checkpoints)
+    train_data, gate_data = full.split(cfg.heldout_task_fraction, seed=cfg.seed) if cfg.heldout_task_fraction else (full, full._subset(torch.zeros(len(full.ids), dtype=torch.bool)))
+    gen_name, preset_cfg = resolve_preset(cfg.generator)
+    model = get_generator_class(gen_name).from_zoo(train_data, **{**preset_cfg, **cfg.generator_overrides})
+    stages = [(name, params, int(cfg.stages.get(name, 0))) for name, params in model.stages.items()]
+    optimizers = [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) for _, params, _ in stages]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.warmup_steps, max(n, 1))) for o, (_, _, n) in zip(optimizers, stages)]
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    schedulers = [accelerator.prepare(s) for s in schedulers]
+    raw = accelerator.unwrap_model(model)
+    ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if resume:
+        latest = _latest_checkpoint(run_dir)
+        if latest is not None:
+            accelerator.load_state(str(latest))
+            # accelerate does not restore its checkpoint counter (huggingface/accelerate#3306)
+            accelerator.project_configuration.iteration = int(latest.name.split("_")[-1]) + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "loss.jsonl", "a")
+    if accelerator.is_main_process:
+        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    for si, (stage, _, n_steps) in enumerate(stages):
+        if si < progress.stage:
+            continue
+        opt, sched = optimizers[si], schedulers[si]
+        bar = tqdm(total=n_steps, initial=progress.step, desc=f"{cfg.name}:{stage}",
+                   disable=not (show_progress and accelerator.is_local_main_process))
+        model.train()
+        while progress.step < n_steps:
+            # the batch is a function of (seed, stage, step, process): resuming replays the same data
+            g = torch.Generator().manual_seed(hash((cfg.seed, si, progress.step, accelerator.process_index)) % 2**62)
+            batch = train_data.batch(cfg.batch_size, cfg.support_per_class, g)
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                out = model({**batch, "stage": stage})
+                accelerator.backward(out["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            if ema is not None and stage != "vae":
+                ema.update_parameters(raw)
+            progress.step += 1
+            bar.update(1)
+            if progress.step % cfg.log_every == 0 or progress.step == n_steps:
+                row = {"stage": stage, "step": progress.step, **{k: float(v) for k, v in out.items()}}
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if accelerator.is_main_process:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+            if progress.step % cfg.checkpoint_every == 0 and progress.step < n_steps:
+                accelerator.save_state()
+        bar.close()
+        if stage == "vae":
+            raw.eval()
+            raw.set_latent_scale(train_data.tokens.to(accelerator.device), cfg.num_classes)
+            progress.gate = recon_gate(raw, gate_data) or None
+            if progress.gate and accelerator.is_main_process:
+                passed = progress.gate["ratio"] >= cfg.gate_min_recon_ratio
+                progress.gate["passed"] = passed
+                msg = (f"VAE gate: reconstructions of held-out-task weights keep {progress.gate['ratio']:.3f} "
+                       f"of accuracy ({progress.gate['recon_acc']:.3f} vs {progress.gate['orig_acc']:.3f}); "
+                       f"need {cfg.gate_min_recon_ratio}")
+                print(("PASSED " if passed else "FAILED ") + msg)
+                if not passed and cfg.strict_gate:
+                    raise RuntimeError(msg + " — not training the diffusion (strict_gate)")
+            if ema is not None:
+                ema.n_averaged.zero_()  # EMA starts with the diffusion stage, on the frozen VAE
+        progress.stage, progress.step = si + 1, 0
+        accelerator.save_state()
+    log.close()
+
+    summary = {"name": cfg.name, "generator": gen_name, "seconds": time.time() - t0, "zoo": zoo.url,
+               "zoo_snapshot": full.snapshot, "checkpoints": len(train_data.ids),
+               "training_tasks": sorted({train_data.tasks[i] for i in train_data.task_index.tolist()}),
+               "gate_tasks": sorted({gate_data.tasks[i] for i in gate_data.task_index.tolist()}),
+               "vae_gate": progress.gate, "config": cfg.to_dict()}
+    if accelerator.is_main_process:
+        final = ema.module if ema is not None and ema.n_averaged.item() > 0 else raw
+        final.save_pretrained(str(out_dir))
+        (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _cosine(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.9 + 0.1
+    return f
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="weightgen train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML training config (see training/configs)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (YAML values)")
+    a = p.parse_args(argv)
+    cfg = TrainConfig.from_yaml(a.config, **dict(parse_override(o) for o in a.overrides))
+    summary = train(cfg, resume=a.resume, show_progress=not a.no_progress)
+    print(json.dumps({k: summary[k] for k in ("name", "generator", "seconds", "checkpoints", "vae_gate")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

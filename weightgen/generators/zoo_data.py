@@ -1,0 +1,95 @@
+"""Training data for generators: zoo checkpoints aligned, standardized and tokenized, plus the
+support data of the task each checkpoint was trained on (generators condition on support sets
+drawn afresh every step, never on the zoo task's test split)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from weightgen.align import align
+from weightgen.data import load_dataset
+from weightgen.tokenize import Standardizer, TokenLayout
+
+
+@dataclass
+class ZooWeights:
+    arch: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mode: str
+    ids: list[str]
+    datasets: list[str]  # per checkpoint
+    tasks: list[str]  # distinct datasets
+    task_index: torch.Tensor  # (N,) checkpoint -> task
+    weights: dict[str, torch.Tensor]  # aligned, raw scale: name -> (N, ...)
+    align_ref: dict[str, torch.Tensor]
+    standardizer: Standardizer
+    layout: TokenLayout
+    tokens: torch.Tensor  # (N, T, C) standardized
+    snapshot: str
+    _task_data: list | None = None
+
+    @classmethod
+    def from_zoo(cls, zoo, arch: str, num_classes: int, input_shape, dataset_prefix: str = "", mode: str = "full",
+                 min_test_acc: float = 0.0, exclude: tuple[str, ...] = (), tag: str | None = None,
+                 max_checkpoints: int | None = None, token_dim: int | None = None) -> "ZooWeights":
+        recs = [r for r in zoo.query(arch=arch, dataset=(dataset_prefix + "*") if dataset_prefix else None, tag=tag)
+                if r["num_classes"] == num_classes and tuple(r["input_shape"]) == tuple(input_shape)
+                and r["metrics"].get("test_acc", 1.0) >= min_test_acc and r["dataset"] not in set(exclude)]
+        if not recs:
+            raise ValueError(f"no {arch} checkpoints with {num_classes} classes and input {tuple(input_shape)} "
+                             f"in zoo {zoo.url} (dataset prefix {dataset_prefix!r}); build some with `weightgen zoo build`")
+        recs.sort(key=lambda r: r["id"])
+        if max_checkpoints:
+            recs = recs[:max_checkpoints]
+        ids = [r["id"] for r in recs]
+        layout = TokenLayout(arch, num_classes, input_shape, mode, token_dim)
+        raw = {k: v.float() for k, v in zoo.stack(ids, layout.keys).items()}
+        aligned, ref = align(raw, arch)
+        std = Standardizer.fit(aligned)
+        tokens = layout.tokenize(std.normalize(aligned))
+        tasks = sorted({r["dataset"] for r in recs})
+        t_index = torch.tensor([tasks.index(r["dataset"]) for r in recs])
+        return cls(arch, num_classes, tuple(input_shape), mode, ids, [r["dataset"] for r in recs], tasks, t_index,
+                   aligned, ref, std, layout, tokens, zoo.snapshot_id())
+
+    def task(self, i: int):
+        if self._task_data is None:
+            self._task_data = [None] * len(self.tasks)
+        if self._task_data[i] is None:
+            t = load_dataset(self.tasks[i])
+            self._task_data[i] = [t.x_train[t.y_train == c] for c in range(t.num_classes)]
+        return self._task_data[i]
+
+    def support(self, rows: torch.Tensor, per_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, K, M, *input_shape): a fresh support set from each checkpoint's task train split."""
+        out = []
+        for r in rows.tolist():
+            per = []
+            for xc in self.task(int(self.task_index[r])):
+                per.append(xc[torch.randint(len(xc), (per_class,), generator=generator)])
+            out.append(torch.stack(per))
+        return torch.stack(out)
+
+    def batch(self, batch_size: int, per_class: int, generator: torch.Generator | None = None) -> dict:
+        rows = torch.randint(len(self.ids), (batch_size,), generator=generator)
+        return {"tokens": self.tokens[rows], "support": self.support(rows, per_class, generator), "rows": rows}
+
+    def split(self, heldout_fraction: float, seed: int = 0) -> tuple["ZooWeights", "ZooWeights"]:
+        """Split by *task* (never by checkpoint) so the held-out part tests generalization."""
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(self.tasks), generator=g).tolist()
+        n_out = max(1, int(round(len(self.tasks) * heldout_fraction)))
+        out_tasks = set(perm[:n_out])
+        mask = torch.tensor([int(t) in out_tasks for t in self.task_index])
+        return self._subset(~mask), self._subset(mask)
+
+    def _subset(self, mask: torch.Tensor) -> "ZooWeights":
+        idx = mask.nonzero().flatten()
+        sub = ZooWeights(self.arch, self.num_classes, self.input_shape, self.mode, [self.ids[i] for i in idx],
+                         [self.datasets[i] for i in idx], self.tasks, self.task_index[idx],
+                         {k: v[idx] for k, v in self.weights.items()}, self.align_ref, self.standardizer, self.layout,
+                         self.tokens[idx], self.snapshot)
+        sub._task_data = self._task_data
+        return sub

@@ -50,3 +50,34 @@ def make_mlp_files(directory, n: int, num_classes: int = 5, start_seed: int = 0,
             torch.save(sd, str(p))
         out.append((p, sd))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory):
+    """A $WEIGHTGEN_HOME with a tiny zoo (mlp-s on digits tasks) and tiny trained generators
+    (D2NWG and the hypernetwork), built once per session in ~half a minute."""
+    from training.config import TrainConfig
+    from training.train import train
+    from zoo.population import PopulationConfig, build_population
+
+    home = tmp_path_factory.mktemp("tiny_home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WEIGHTGEN_HOME", str(home))
+    try:
+        build_population(PopulationConfig(tasks=8, seeds=2, steps=60), str(home / "zoo"), show_progress=False)
+        base = dict(arch="mlp-s", num_classes=5, input_shape=[64], dataset_prefix="digits:", min_test_acc=0.0,
+                    batch_size=8, support_per_class=5, checkpoint_every=1000, log_every=5, warmup_steps=2,
+                    heldout_task_fraction=0.25)
+        train(TrainConfig(name="d2nwg-tiny", generator="d2nwg-tiny", stages={"vae": 15, "diffusion": 15}, **base),
+              show_progress=False)
+        train(TrainConfig(name="hypernet-tiny", generator="hypernet-tiny", stages={"regression": 15}, **base),
+              show_progress=False)
+    finally:
+        mp.undo()
+    return home
+
+
+@pytest.fixture
+def use_tiny_home(tiny_home, monkeypatch):
+    monkeypatch.setenv("WEIGHTGEN_HOME", str(tiny_home))
+    return tiny_home

@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
             progress.step += 1
             bar.update(1)
             if progress.step % cfg.log_every == 0 or progress.step == n_steps:
-                row = {"stage": stage, "step": progress.step, **{k: float(v) for k, v in out.items()}}
+                row = {"stage": stage, "step": progress.step, **{k: float(v.detach()) for k, v in out.items()}}
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if accelerator.is_main_process:
                     log.write(json.dumps(row) + "\n")

@@ -94,12 +94,6 @@ def cmd_zoo_build(a) -> int:
     return 0
 
 
-def cmd_train(a) -> int:
-    from training.train import main as train_main
-
-    return train_main(a.rest)
-
-
 def cmd_sample(a) -> int:
     from weightgen.sampling import sample, write
 
@@ -192,10 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_zoo_build)
 
-    s = sub.add_parser("train", help="train a generator (same as `accelerate launch -m training.train`)",
-                       add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_train)
+    sub.add_parser("train", help="train a generator: weightgen train --config CONFIG.yaml [--resume] [KEY=VALUE ...]",
+                   add_help=False)  # dispatched in main() to training.train's own parser
 
     from weightgen.archs import ARCHS
 
@@ -222,10 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true", help="a minutes-long smaller run (smoke test)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_quickstart)
+
+    from weightgen.eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its own parser (training.train), so --config etc. pass straight through
+        from training.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     from weightgen.archs import ShapeError
     from weightgen.data import DatasetError

@@ -54,27 +54,39 @@ class ZooWeights:
         return cls(arch, num_classes, tuple(input_shape), mode, ids, [r["dataset"] for r in recs], tasks, t_index,
                    aligned, ref, std, layout, tokens, zoo.snapshot_id())
 
-    def task(self, i: int):
+    def _pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every task's train split as one padded tensor (tasks, K, max per class, *input) + counts."""
         if self._task_data is None:
-            self._task_data = [None] * len(self.tasks)
-        if self._task_data[i] is None:
-            t = load_dataset(self.tasks[i])
-            self._task_data[i] = [t.x_train[t.y_train == c] for c in range(t.num_classes)]
-        return self._task_data[i]
+            per_task = []
+            for name in self.tasks:
+                t = load_dataset(name)
+                per_task.append([t.x_train[t.y_train == c] for c in range(t.num_classes)])
+            most = max(len(xc) for classes in per_task for xc in classes)
+            pool = torch.zeros(len(self.tasks), self.num_classes, most, *self.input_shape)
+            counts = torch.zeros(len(self.tasks), self.num_classes, dtype=torch.long)
+            for ti, classes in enumerate(per_task):
+                for c, xc in enumerate(classes):
+                    pool[ti, c, :len(xc)] = xc
+                    counts[ti, c] = len(xc)
+            self._task_data = [pool, counts]
+        return self._task_data[0], self._task_data[1]
 
     def support(self, rows: torch.Tensor, per_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, K, M, *input_shape): a fresh support set from each checkpoint's task train split."""
-        out = []
-        for r in rows.tolist():
-            per = []
-            for xc in self.task(int(self.task_index[r])):
-                per.append(xc[torch.randint(len(xc), (per_class,), generator=generator)])
-            out.append(torch.stack(per))
-        return torch.stack(out)
+        """(B, K, M, *input_shape): a fresh support set (with replacement) from each checkpoint's
+        task train split — one gather for the whole batch."""
+        pool, counts = self._pool()
+        t = self.task_index[rows]  # (B,)
+        u = torch.rand(len(rows), self.num_classes, per_class, generator=generator)
+        idx = (u * counts[t][..., None]).long()  # (B, K, M) indices below each class's count
+        return pool[t[:, None, None], torch.arange(self.num_classes)[None, :, None], idx]
 
-    def batch(self, batch_size: int, per_class: int, generator: torch.Generator | None = None) -> dict:
+    def batch(self, batch_size: int, per_class: int, generator: torch.Generator | None = None,
+              with_support: bool = True) -> dict:
         rows = torch.randint(len(self.ids), (batch_size,), generator=generator)
-        return {"tokens": self.tokens[rows], "support": self.support(rows, per_class, generator), "rows": rows}
+        out = {"tokens": self.tokens[rows], "rows": rows}
+        if with_support:
+            out["support"] = self.support(rows, per_class, generator)
+        return out
 
     def split(self, heldout_fraction: float, seed: int = 0) -> tuple["ZooWeights", "ZooWeights"]:
         """Split by *task* (never by checkpoint) so the held-out part tests generalization."""

@@ -1,0 +1,92 @@
+"""`weightgen sample` end to end: files, determinism, honesty, errors."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import weightgen
+from weightgen.cli import main
+from weightgen.data import load_dataset
+
+
+def _run(args, capsys):
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_sample_writes_loadable_weights_config_and_manifest(use_tiny_home, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, _ = _run(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=4,2,8,1,0", "--n", "4",
+                          "--generator", "d2nwg-tiny", "--out", str(out), "--json"], capsys)
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert json.loads(stdout) == manifest
+    assert manifest["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    for key in ("generator", "weightgen_version", "zoo_snapshot", "seed", "support_accuracy", "predicted_accuracy", "novelty"):
+        assert manifest[key] is not None, key
+    assert manifest["refine_steps"] == 0 and manifest["zero_shot"] is True
+    assert {"ratio", "nearest_zoo_accuracy", "distance_to_nearest"} <= set(manifest["novelty"])
+    cfg = json.loads((out / "config.json").read_text())
+    model = weightgen.build_model(cfg["arch"], cfg["num_classes"], cfg["input_shape"])
+    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    loaded = weightgen.load_model(out)
+    task = load_dataset("digits:classes=4,2,8,1,0")
+    sx, sy = task.support(per_class=5, seed=0)
+    acc = (weightgen.get_arch("mlp-s").logits(loaded, sx).argmax(-1) == sy).float().mean().item()
+    assert abs(acc - manifest["support_accuracy"]) < 1e-6, "the manifest's support accuracy is measured"
+
+
+def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tmp_path, capsys):
+    args = ["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", "--generator", "d2nwg-tiny",
+            "--n", "6", "--no-novelty"]
+    assert _run(args + ["--out", str(tmp_path / "a")], capsys)[0] == 0
+    assert _run(args + ["--out", str(tmp_path / "b")], capsys)[0] == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert _run(args + ["--out", str(tmp_path / "c"), "--seed", "1"], capsys)[0] == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+    from weightgen.sampling import sample
+
+    res = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, novelty=False)
+    assert res.manifest["support_accuracy"] == pytest.approx(max(res.candidates_support_acc))
+    none = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, select="none", novelty=False)
+    assert none.manifest["selected_index"] == 0
+
+
+def test_refine_is_opt_in_and_declared(use_tiny_home, tmp_path, capsys):
+    from weightgen.sampling import sample
+
+    zero = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=2, novelty=False)
+    tuned = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=2, novelty=False, refine_steps=30)
+    assert zero.manifest["refine_steps"] == 0 and zero.manifest["zero_shot"]
+    assert tuned.manifest["refine_steps"] == 30 and not tuned.manifest["zero_shot"]
+    assert tuned.manifest["support_accuracy"] > zero.manifest["support_accuracy"]
+
+
+def test_user_npz_dataset_never_seen(use_tiny_home, tmp_path, capsys):
+    task = load_dataset("digits:classes=9,7,5,3,1")
+    path = tmp_path / "my_task.npz"
+    np.savez(path, x=task.x_train.numpy(), y=task.y_train.numpy(), x_test=task.x_test.numpy(), y_test=task.y_test.numpy())
+    rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o"),
+                       "--n", "2"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["dataset"] == f"npz:{path}"
+
+
+def test_clear_errors(use_tiny_home, tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        main(["sample", "--arch", "vit-xl", "--dataset", "digits", "--out", str(tmp_path / "x")])
+    rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "nope", "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "Unknown dataset 'nope'" in err and "digits" in err
+    rc, _, err = _run(["sample", "--arch", "vit-s", "--dataset", "npz:/does/not/exist.npz", "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "not found" in err
+    bad = tmp_path / "flat.npz"
+    np.savez(bad, x=np.random.rand(20, 63).astype("float32"), y=np.arange(20) % 2)
+    rc, _, err = _run(["sample", "--arch", "cnn-s", "--dataset", f"npz:{bad}", "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "needs image input" in err
+    rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "mnist", "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "No trained generator for mlp-s with input shape (1, 28, 28)" in err and "weightgen train" in err
+    assert not (tmp_path / "x").exists(), "nothing written on error"

@@ -1,0 +1,71 @@
+"""The accelerate training loop: stages, the VAE gate, checkpoints and exact resume."""
+import json
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.train import main as train_main
+from training.train import train
+from weightgen.cli import main as cli_main
+
+
+def _cfg(tiny_home, tmp_path, name, **kw):
+    base = dict(name=name, generator="d2nwg-tiny", zoo=str(tiny_home / "zoo"), min_test_acc=0.0,
+                stages={"vae": 12, "diffusion": 12}, batch_size=4, support_per_class=3, checkpoint_every=5,
+                log_every=4, warmup_steps=1, heldout_task_fraction=0.25,
+                out_dir=str(tmp_path / name / "out"), run_dir=str(tmp_path / name / "run"))
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(path):
+    from weightgen.generators.d2nwg import D2NWG
+
+    return D2NWG.from_pretrained(path).state_dict()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_home, tmp_path, monkeypatch):
+    full = _cfg(tiny_home, tmp_path, "full")
+    train(full, show_progress=False)
+    interrupted = _cfg(tiny_home, tmp_path, "cut")
+    from weightgen.generators import zoo_data
+
+    real_batch, calls = zoo_data.ZooWeights.batch, {"n": 0}
+
+    def dying_batch(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 20:  # step 8 of the diffusion stage
+            raise KeyboardInterrupt("simulated crash")
+        return real_batch(self, *a, **k)
+
+    monkeypatch.setattr(zoo_data.ZooWeights, "batch", dying_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, show_progress=False)
+    monkeypatch.setattr(zoo_data.ZooWeights, "batch", real_batch)
+    ckpts = sorted((tmp_path / "cut" / "run" / "checkpoints").glob("checkpoint_*"))
+    assert ckpts, "save_state wrote checkpoints before the crash"
+    train(interrupted, resume=True, show_progress=False)  # must not hit 'checkpoint_N already exists' (#3306)
+    a, b = _weights(full.out_dir), _weights(interrupted.out_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resume replays the same data, RNG and optimizer state"
+    summary = json.loads((tmp_path / "cut" / "out" / "training_summary.json").read_text())
+    assert summary["vae_gate"] and 0 <= summary["vae_gate"]["ratio"] and "passed" in summary["vae_gate"]
+    assert not set(summary["training_tasks"]) & set(summary["gate_tasks"]), "gate tasks are held out of training"
+    losses = [json.loads(line) for line in (tmp_path / "full" / "run" / "loss.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in losses} == {"vae", "diffusion"} and all(r["loss"] == r["loss"] for r in losses)
+
+
+def test_strict_gate_stops_before_diffusion(tiny_home, tmp_path):
+    cfg = _cfg(tiny_home, tmp_path, "strict", strict_gate=True, gate_min_recon_ratio=1.01)
+    with pytest.raises(RuntimeError, match="VAE gate"):
+        train(cfg, show_progress=False)
+
+
+def test_cli_and_module_entry_points_with_overrides(tiny_home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WEIGHTGEN_HOME", str(tiny_home))
+    args = ["--config", "training/configs/d2nwg_tiny.yaml", "--no-progress", "name=cli-run", "stages={vae: 3, diffusion: 3}",
+            f"out_dir={tmp_path / 'g'}", f"run_dir={tmp_path / 'r'}"]
+    assert cli_main(["train", *args]) == 0
+    assert (tmp_path / "g" / "config.json").exists()
+    with pytest.raises(ValueError, match="Unknown training config keys"):
+        train_main(["--config", "training/configs/d2nwg_tiny.yaml", "bogus=1"])

@@ -1,0 +1,55 @@
+"""``weightgen quickstart``: the embedded default, end to end, idempotently.
+
+Builds the default zoo (mlp-s on the digits task family, from scikit-learn's shipped digits)
+and trains the default generators (D2NWG, and the hypernetwork baseline it is compared with)
+into ``$WEIGHTGEN_HOME``. Steps whose output exists are skipped, so re-running is cheap.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import training
+from weightgen.paths import default_zoo, generators_dir
+
+CONFIGS = Path(training.__file__).parent / "configs"
+POPULATION = dict(arch="mlp-s", family="digits-subsets", tasks=200, seeds=5, steps=300, k=5)
+GENERATOR_CONFIGS = ("d2nwg_digits.yaml", "hypernet_digits.yaml")
+FAST = {"population": dict(tasks=40, seeds=3, steps=150), "stage_scale": 0.1, "suffix": "-fast"}
+
+
+def quickstart(fast: bool = False, show_progress: bool = True) -> dict:
+    from training.config import TrainConfig
+    from training.train import train
+    from zoo import open_zoo
+    from zoo.population import PopulationConfig, build_population
+
+    t0 = time.time()
+    pop = {**POPULATION, **(FAST["population"] if fast else {})}
+    zoo_url = default_zoo()
+    cfg = PopulationConfig(**pop)
+    have = len(open_zoo(zoo_url).query(arch=cfg.arch, tag="population", dataset=f"{cfg.family.split('-')[0]}:*"))
+    report: dict = {"zoo": zoo_url}
+    if have >= cfg.tasks * cfg.seeds:
+        print(f"[quickstart] zoo: {have} population checkpoints already in {zoo_url}; skipping the build")
+    else:
+        print(f"[quickstart] zoo: training {cfg.tasks * cfg.seeds} {cfg.arch} models on {cfg.tasks} {cfg.family} tasks")
+        report["population"] = build_population(cfg, zoo_url, show_progress=show_progress)
+    for name in GENERATOR_CONFIGS:
+        tc = TrainConfig.from_yaml(CONFIGS / name)
+        if fast:
+            tc.name += FAST["suffix"]
+            tc.stages = {k: max(10, int(v * FAST["stage_scale"])) for k, v in tc.stages.items()}
+        out = generators_dir() / tc.name
+        if (out / "config.json").is_file():
+            print(f"[quickstart] generator {tc.name}: already trained in {out}; skipping")
+            continue
+        print(f"[quickstart] training generator {tc.name} ({tc.generator}, stages {tc.stages})")
+        s = train(tc, show_progress=show_progress)
+        report[tc.name] = {k: s[k] for k in ("seconds", "checkpoints", "vae_gate")}
+    report["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(report, indent=1))
+    print("[quickstart] done. Next: weightgen sample --arch mlp-s --dataset digits:classes=4,2,8,1,0 --out sample "
+          "&& weightgen eval")
+    return report

@@ -1,4 +1,9 @@
 """weightgen: generate ready-to-load neural-network weights for an architecture and a dataset."""
+import os
+
+# Before torch loads OpenMP: on shared cores a spinning second thread stalls every op (measured:
+# the population build went from 108 s to 11 s with the passive policy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from weightgen.archs import ARCHS, build_model, get_arch, model_config
 
 __version__ = "0.1.0"

@@ -167,6 +167,7 @@ class Zoo:
         self._records: dict[str, dict] | None = None
         self._commits: list[str] = []
         self._segments: dict[tuple[str, str], Any] = {}
+        self._arrays: dict[tuple[str, str, str], Any] = {}
 
     # ------------------------------------------------------------------ metadata
 
@@ -265,6 +266,13 @@ class Zoo:
             self._segments[key] = self.root[f"collections/{cid}/segments/{seg}"]
         return self._segments[key]
 
+    def _array(self, cid: str, seg: str, name: str):
+        """Array handles are cached: opening one reads its zarr.json, which dominates small reads."""
+        key = (cid, seg, name)
+        if key not in self._arrays:
+            self._arrays[key] = self._segment(cid, seg)[name]
+        return self._arrays[key]
+
     def load(self, ckpt_id: str, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """One checkpoint's tensors, bit-exact as ingested (lazy: only ``keys`` are read)."""
         r = self._resolve(ckpt_id)
@@ -272,7 +280,7 @@ class Zoo:
         g = self._segment(cid, seg)
         meta = g.attrs["tensors"]
         names = list(meta) if keys is None else list(keys)
-        return {n: from_numpy(g[n][row], meta[n]["dtype"]) for n in names}
+        return {n: from_numpy(self._array(cid, seg, n)[row], meta[n]["dtype"]) for n in names}
 
     def read_tensor(self, name: str, ids: list[str]) -> torch.Tensor:
         """One tensor across many checkpoints, stacked (len(ids), *shape); one read per segment."""
@@ -296,14 +304,21 @@ class Zoo:
         for n in names:
             parts = []
             for seg, pos_rows in by_seg.items():
-                arr = self._segment(cid, seg)[n]
+                arr = self._array(cid, seg, n)
                 rows = np.array([row for _, row in pos_rows])
-                lo, hi = rows.min(), rows.max() + 1
-                block = arr[lo:hi] if hi - lo <= 2 * len(rows) else arr.get_orthogonal_selection((rows,))
-                if hi - lo <= 2 * len(rows):
-                    block = block[rows - lo]
-                parts.append((np.array([p for p, _ in pos_rows]), block))
+                pos = np.array([p for p, _ in pos_rows])
+                lo, hi = int(rows.min()), int(rows.max()) + 1
+                if hi - lo == len(rows) and (np.diff(rows) == 1).all():
+                    block = arr[lo:hi]  # in order and contiguous: no gather, no copy
+                elif hi - lo <= 2 * len(rows):
+                    block = arr[lo:hi][rows - lo]
+                else:
+                    block = arr.get_orthogonal_selection((rows,))
+                parts.append((pos, block))
             logical = first.attrs["tensors"][n]["dtype"]
+            if len(parts) == 1 and (parts[0][0] == np.arange(len(recs))).all():
+                out[n] = from_numpy(parts[0][1], logical)  # one segment, asked in row order
+                continue
             full = np.empty((len(recs), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
             for pos, block in parts:
                 full[pos] = block

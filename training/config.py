@@ -21,7 +21,7 @@ class TrainConfig:
     mode: str = "full"
     min_test_acc: float = 0.9  # skip undertrained checkpoints (early steps of a run)
     max_checkpoints: int | None = None
-    stages: dict = field(default_factory=lambda: {"vae": 3000, "diffusion": 6000})
+    stages: dict = field(default_factory=lambda: {"vae": 1500, "diffusion": 1000})
     batch_size: int = 64
     support_per_class: int = 10
     lr: float = 1e-3

@@ -54,7 +54,8 @@ def recon_gate(model, data: ZooWeights, max_tasks: int = 10) -> dict:
     for ti in sorted(set(data.task_index.tolist()))[:max_tasks]:
         rows = (data.task_index == ti).nonzero().flatten()
         task = load_dataset(data.tasks[ti])
-        rec = model.reconstruct(data.tokens[rows], data.num_classes)
+        support = data.support(rows, getattr(model.config, "support_per_class", 10), torch.Generator().manual_seed(0))
+        rec = model.reconstruct(data.tokens[rows], data.num_classes, support)
         from weightgen.generators.common import decode_tokens
 
         rec_sd = decode_tokens(data.layout, rec, model.stats)
@@ -136,7 +137,9 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
         bar.close()
         if stage == "vae":
             raw.eval()
-            raw.set_latent_scale(train_data.tokens.to(accelerator.device), cfg.num_classes)
+            rows = torch.randperm(len(train_data.ids), generator=torch.Generator().manual_seed(cfg.seed))[:2048]
+            support = train_data.support(rows, cfg.support_per_class, torch.Generator().manual_seed(cfg.seed))
+            raw.set_latent_scale(train_data.tokens[rows].to(accelerator.device), cfg.num_classes, support.to(accelerator.device))
             progress.gate = recon_gate(raw, gate_data) or None
             if progress.gate and accelerator.is_main_process:
                 passed = progress.gate["ratio"] >= cfg.gate_min_recon_ratio

@@ -73,3 +73,35 @@ def prototype_accuracy(x_support: torch.Tensor, y_support: torch.Tensor, x: torc
     protos = torch.stack([x_support[y_support == c].flatten(1).mean(0) for c in range(num_classes)])
     pred = torch.cdist(x.flatten(1), protos).argmin(-1)
     return float((pred == y).float().mean())
+
+
+@torch.no_grad()
+def penultimate_many(arch: str, num_classes: int, input_shape, sd: dict[str, torch.Tensor], x: torch.Tensor,
+                     per_model_x: bool = False) -> torch.Tensor:
+    """What n stacked models feed their classifier: (n, N, D) features of x (N, *input_shape),
+    or of per-model inputs x (n, N, *input_shape) when ``per_model_x``. Used to condition a head
+    on the backbone it will sit on (generated, or stored in the zoo)."""
+    spec = get_arch(arch)
+    base = spec.build(num_classes, input_shape, device="meta")
+    _replace_module(base, spec.classifier, torch.nn.Identity())
+    keys = [t.name for t in spec.tensors(num_classes, input_shape)
+            if not (t.name.startswith(spec.classifier + ".") or t.name == spec.classifier)]
+    params = {k: sd[k].float() for k in keys}
+    if spec.family in ("mlp", "cnn"):
+        def one(p, xb):
+            return spec.logits(_Bound(base, p), xb).flatten(1)
+
+        return vmap(one, in_dims=(0, 0 if per_model_x else None))(params, x)
+    n = params[keys[0]].shape[0]
+    model = spec.build(num_classes, input_shape).eval()
+    _replace_module(model, spec.classifier, torch.nn.Identity())
+    out = []
+    for i in range(n):
+        model.load_state_dict({k: params[k][i] for k in keys}, strict=True)
+        out.append(spec.logits(model, x[i] if per_model_x else x).flatten(1))
+    return torch.stack(out)
+
+
+def _replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)

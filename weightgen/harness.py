@@ -169,7 +169,10 @@ def reconstruction(gen, arch: str, task: TaskData, sd: dict) -> dict:
     al, _ = align({n: sd[n] for n in keys}, arch, ref=gen.stats.align_ref() or None)
     layout = gen.layout(k)
     tokens = layout.tokenize(gen.stats.standardizer().normalize(al))
-    rec = {**sd, **decode_tokens(layout, gen.reconstruct(tokens, k), gen.stats)}
+    per_class = int(getattr(gen.config, "support_per_class", 10))
+    sx, sy = task.support(per_class, 0)
+    support = group_support(sx, sy, k, per_class, torch.Generator().manual_seed(0))[None]
+    rec = {**sd, **decode_tokens(layout, gen.reconstruct(tokens, k, support), gen.stats)}
     acc = lambda w: float(accuracy_many(arch, k, shape, w, task.x_test, task.y_test).mean())  # noqa: E731
     return {"orig": acc(sd), "recon": acc(rec)}
 

@@ -62,9 +62,10 @@ class Denoiser(nn.Module):
     """Transformer over latent weight tokens with in-context condition tokens
     [time, dataset, class_1..class_K]; class-row tokens also get their class's embedding."""
 
-    def __init__(self, latent_dim, d_model, depth, heads, cond_dim, num_modules, max_slot):
+    def __init__(self, latent_dim, d_model, depth, heads, cond_dim, num_modules, max_slot, feat_dim=0):
         super().__init__()
         self.inp = nn.Linear(latent_dim, d_model)
+        self.feat_proj = nn.Linear(feat_dim + 1, d_model) if feat_dim else None
         self.ids = TokenIds(num_modules, max_slot, d_model)
         self.time_proj = Timesteps(d_model, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_emb = TimestepEmbedding(d_model, d_model)
@@ -78,11 +79,14 @@ class Denoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, z, t, cls_emb, ds_emb, layout):
-        """z (B, T, Z); t (B,); cls_emb (B, K, Dc); ds_emb (B, Dc) -> prediction (B, T, Z)."""
+    def forward(self, z, t, cls_emb, ds_emb, layout, feats=None):
+        """z (B, T, Z); t (B,); cls_emb (B, K, Dc); ds_emb (B, Dc); feats (B, K, F+1) or None
+        -> prediction (B, T, Z)."""
         b, n_tok, _ = z.shape
         temb = self.time_emb(self.time_proj(t).to(z.dtype))  # (B, D)
         cls = self.cond_proj(cls_emb)  # (B, K, D)
+        if feats is not None and self.feat_proj is not None:
+            cls = cls + self.feat_proj(feats)
         x = self.inp(z) + self.ids(layout, z.device) + temb[:, None]
         cls_idx = layout.cls.to(z.device)
         is_cls = (cls_idx >= 0)
@@ -105,17 +109,20 @@ class D2NWG(ModelMixin, ConfigMixin):
                  stat_names: tuple = (), latent_dim: int = 32, vae_hidden: int = 256, vae_depth: int = 2,
                  kl_weight: float = 1e-4, latent_noise: float = 0.05, d_model: int = 128, depth: int = 4,
                  heads: int = 4, cond_dim: int = 128, cond_depth: int = 2, p_uncond: float = 0.1,
-                 prediction_type: str = "sample", num_train_timesteps: int = 1000, sample_steps: int = 25,
-                 guidance: float = 1.5, support_per_class: int = 10, latent_scale: float = 1.0):
+                 prediction_type: str = "sample", num_train_timesteps: int = 1000, sample_steps: int = 4,
+                 guidance: float = 2.0, support_per_class: int = 10, latent_scale: float = 1.0,
+                 feature_dim: int = 0, p_drop_features: float = 0.2, head_loss_share: float = 0.5,
+                 imprint_head: bool = False):
         super().__init__()
         self.features = FEATURES.get(feature)(tuple(input_shape))
         self.stats = WeightStats(arch, train_num_classes, tuple(input_shape), list(stat_names))
         self.vae = TokenVAE(token_dim, latent_dim, vae_hidden, vae_depth, num_modules, max_slot)
         self.encoder = DatasetEncoder(self.features.dim, cond_dim, cond_depth)
-        self.denoiser = Denoiser(latent_dim, d_model, depth, heads, cond_dim, num_modules, max_slot)
+        self.denoiser = Denoiser(latent_dim, d_model, depth, heads, cond_dim, num_modules, max_slot, feature_dim)
         self.null_cls = nn.Parameter(torch.zeros(cond_dim))
         self.null_ds = nn.Parameter(torch.zeros(cond_dim))
         self.register_buffer("latent_std", torch.tensor(float(latent_scale)))
+        self.register_buffer("imprint_scale", torch.tensor(1.0))
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps,
                                              beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
 
@@ -124,10 +131,14 @@ class D2NWG(ModelMixin, ConfigMixin):
     @classmethod
     def from_zoo(cls, data, **config) -> "D2NWG":
         lay = data.layout
+        if config.pop("feature_conditioning", True) and any(c >= 0 for c in lay.cls.tolist()):
+            config.setdefault("feature_dim", _classifier_in_features(data.arch, data.num_classes, data.input_shape))
         model = cls(arch=data.arch, input_shape=tuple(data.input_shape), train_num_classes=data.num_classes,
                     mode=data.mode, token_dim=lay.token_dim, num_modules=len(lay.modules),
                     max_slot=int(lay.slot.max()) + 1, stat_names=tuple(lay.keys), **config)
         model.stats.set(data.standardizer, data.align_ref)
+        if model.config.imprint_head and model.config.feature_dim:
+            model.fit_imprint_scale(data)
         return model
 
     @property
@@ -152,9 +163,11 @@ class D2NWG(ModelMixin, ConfigMixin):
         return self.loss(batch)
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        tokens = batch["tokens"]  # (B, T, C) standardized weight tokens
+        raw_tokens = batch["tokens"]  # (B, T, C) standardized weight tokens
         layout = self.layout(batch["support"].shape[1])
-        mask = layout.mask.to(tokens.device)
+        mask = layout.mask.to(raw_tokens.device)
+        with torch.no_grad():
+            tokens = self.to_residual(raw_tokens, batch["support"], layout)
         if batch.get("stage", "diffusion") == "vae":
             mu, logvar = self.vae.encode(tokens, layout)
             z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
@@ -168,24 +181,131 @@ class D2NWG(ModelMixin, ConfigMixin):
         drop = torch.rand(tokens.shape[0], device=tokens.device) < self.config.p_uncond
         cls_emb = torch.where(drop[:, None, None], self.null_cls.expand_as(cls_emb), cls_emb)
         ds_emb = torch.where(drop[:, None], self.null_ds.expand_as(ds_emb), ds_emb)
+        feats = None
+        if self.config.feature_dim:
+            # the head learns to sit on its backbone: condition class rows on the class's mean
+            # penultimate feature under the true weights (dropped often, for backbone-free sampling)
+            sd = decode_tokens(layout, raw_tokens, self.stats)
+            feats = self.class_features(sd, batch["support"], layout)
+            keep = torch.rand(tokens.shape[0], device=tokens.device) >= self.config.p_drop_features
+            feats = feats * (keep & ~drop)[:, None, None]
         noise = torch.randn_like(z0)
         t = torch.randint(0, self.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
         zt = self.noise_scheduler.add_noise(z0, noise, t)
-        pred = self.denoiser(zt, t, cls_emb, ds_emb, layout)
+        pred = self.denoiser(zt, t, cls_emb, ds_emb, layout, feats)
         target = {"sample": z0, "epsilon": noise,
                   "v_prediction": self.noise_scheduler.get_velocity(z0, noise, t)}[self.config.prediction_type]
-        return {"loss": F.mse_loss(pred, target)}
+        err = (pred - target).pow(2).mean(-1)  # (B, T)
+        is_cls = layout.cls.to(err.device) >= 0
+        if is_cls.any() and (~is_cls).any() and self.config.head_loss_share:
+            # a handful of class rows would otherwise be drowned by the backbone's many tokens,
+            # yet they decide the accuracy: give them a fixed share of the loss
+            s = self.config.head_loss_share
+            loss = s * err[:, is_cls].mean() + (1 - s) * err[:, ~is_cls].mean()
+            return {"loss": loss, "head": err[:, is_cls].mean().detach(), "backbone": err[:, ~is_cls].mean().detach()}
+        return {"loss": err.mean()}
 
     @torch.no_grad()
-    def set_latent_scale(self, tokens: torch.Tensor, num_classes: int) -> float:
+    def class_features(self, sd: dict[str, torch.Tensor], support: torch.Tensor, layout) -> torch.Tensor:
+        """(B, K, F+1): each class's mean penultimate feature under each model's backbone, scaled to
+        unit RMS per model, with the log of that scale appended (so magnitudes are not lost)."""
+        from weightgen.evaluate import complete, penultimate_many
+
+        c = self.config
+        b, k, m = support.shape[:3]
+        x = support.reshape(b, k * m, *support.shape[3:])
+        full = complete(c.arch, k, tuple(c.input_shape), sd, self._backbone)
+        f = penultimate_many(c.arch, k, tuple(c.input_shape), full, x, per_model_x=True)  # (B, K*M, F)
+        f = f.reshape(b, k, m, -1).mean(2)
+        rms = f.pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-6)
+        return torch.cat([f / rms, rms.log().expand(-1, k, 1)], -1)
+
+    _backbone = None  # head mode: the stored backbone's tensors (name -> tensor), set by the caller
+
+    # --- weight imprinting (option, off by default): class rows as residuals from an imprinted head
+    # Measured on held-out digit class sets (1,500 VAE + 750 diffusion steps): 74.5 % with it vs
+    # ~82 % without; imprinting alone on the generated backbone gave 83.7 %. Trained heads are far
+    # from s * h_i (residuals 2.3x the imprint's norm), so this prior needs a better form first.
+    # Row i of the imprinted head is s * h_i with bias -s * |h_i|^2 / 2, h_i being class i's mean
+    # penultimate feature on the support set: the nearest-class-mean rule in the backbone's own
+    # feature space (Qi et al., "Low-shot learning with imprinted weights", 2018). It is a closed
+    # form of the support set, like the set encoder, not an optimization on it. The diffusion
+    # generates what trained heads add to it (discriminative corrections), which transfers to
+    # class sets it never saw far better than generating raw rows.
+
+    def _raw_features(self, sd, support, layout):
+        from weightgen.evaluate import complete, penultimate_many
+
+        c = self.config
+        b, k, m = support.shape[:3]
+        full = complete(c.arch, k, tuple(c.input_shape), sd, self._backbone)
+        f = penultimate_many(c.arch, k, tuple(c.input_shape), full, support.reshape(b, k * m, *support.shape[3:]),
+                             per_model_x=True)
+        return f.reshape(b, k, m, -1).mean(2)  # (B, K, F)
+
+    def _head_names(self, layout) -> tuple[str, str | None]:
+        from weightgen.archs import get_arch
+
+        cls_mod = get_arch(self.config.arch).classifier
+        w = next(n for n in layout.keys if n.startswith(cls_mod) and n.endswith("weight") and len(layout.shapes[n]) == 2)
+        b = w[: -len("weight")] + "bias"
+        return w, b if b in layout.keys else None
+
+    def imprint_tokens(self, sd, support, layout) -> torch.Tensor:
+        """(B, T, C) standardized tokens of the imprinted head (zero on backbone tokens) — what the
+        class-row tokens are residuals from."""
+        h = self._raw_features(sd, support, layout)  # (B, K, F)
+        s = self.imprint_scale
+        wname, bname = self._head_names(layout)
+        stats = self.stats.standardizer().stats
+        imp = {wname: (s * h - stats[wname][0]) / stats[wname][1]}
+        if bname:
+            imp[bname] = (-0.5 * s * h.pow(2).sum(-1) - stats[bname][0]) / stats[bname][1]
+        filler = {n: torch.zeros(h.shape[0], *layout.shapes[n], device=h.device) for n in layout.keys if n not in imp}
+        tok = layout.tokenize({**filler, **imp})
+        return tok * (layout.cls.to(tok.device) >= 0)[None, :, None]
+
+    @torch.no_grad()
+    def fit_imprint_scale(self, data, max_models: int = 256) -> float:
+        """The global scale s that best maps class features to the zoo's trained rows (least squares)."""
+        rows = torch.arange(min(len(data.ids), max_models))
+        support = data.support(rows, self.config.support_per_class, torch.Generator().manual_seed(0))
+        sd = {k: v[rows] for k, v in data.weights.items()}
+        h = self._raw_features(sd, support, data.layout)
+        w = sd[self._head_names(data.layout)[0]]
+        self.imprint_scale.fill_(float((w * h).sum() / h.pow(2).sum().clamp_min(1e-12)))
+        return float(self.imprint_scale)
+
+    def to_residual(self, tokens, support, layout, sign: float = -1.0) -> torch.Tensor:
+        """Class-row tokens minus (sign=-1) or plus (sign=+1) the imprint of the tokens' own backbone."""
+        if not (self.config.imprint_head and self.config.feature_dim):
+            return tokens
+        sd = decode_tokens(layout, tokens, self.stats)
+        return tokens + sign * self.imprint_tokens(sd, support, layout)
+
+    @torch.no_grad()
+    def set_latent_scale(self, tokens: torch.Tensor, num_classes: int, support: torch.Tensor | None = None) -> float:
         """Standardize latents before diffusion (their spread is whatever the VAE learned)."""
-        mu = self.vae.encode(tokens, self.layout(num_classes))[0]
+        layout = self.layout(num_classes)
+        if support is not None:
+            tokens = self.to_residual(tokens, support, layout)
+        mu = self.vae.encode(tokens, layout)[0]
         self.latent_std.fill_(float(mu.std().clamp_min(1e-4)))
         return float(self.latent_std)
 
     @torch.no_grad()
-    def reconstruct(self, tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
+    def reconstruct(self, tokens: torch.Tensor, num_classes: int, support: torch.Tensor | None = None) -> torch.Tensor:
+        """Autoencode standardized weight tokens (B, T, C); the imprinted head needs the support
+        set (B, K, M, *input) the weights were trained for."""
         layout = self.layout(num_classes)
+        if self.config.imprint_head and self.config.feature_dim:
+            if support is None:
+                raise ValueError("this D2NWG generates heads as residuals from imprinting: pass the support set")
+            support = support.expand(tokens.shape[0], *support.shape[1:])
+            res = self.to_residual(tokens, support, layout)
+            rec = self.vae.decode(self.vae.encode(res, layout)[0], layout)
+            back = decode_tokens(layout, rec, self.stats)  # backbone as reconstructed
+            return rec + self.imprint_tokens(back, support, layout)
         return self.vae.decode(self.vae.encode(tokens, layout)[0], layout)
 
     # ------------------------------------------------------------------ sampling
@@ -201,18 +321,55 @@ class D2NWG(ModelMixin, ConfigMixin):
         cls_emb, ds_emb = self.embed(cond.support[None].to(dev, torch.float32))
         cls_emb, ds_emb = cls_emb.expand(n, -1, -1), ds_emb.expand(n, -1)
         null_cls, null_ds = self.null_cls.expand_as(cls_emb), self.null_ds.expand_as(ds_emb)
-        sched = DDIMScheduler.from_config(self.noise_scheduler.config)
-        sched.set_timesteps(steps or self.config.sample_steps)
-        z = torch.randn(n, layout.num_tokens, self.config.latent_dim, generator=generator).to(dev)
-        for t in sched.timesteps:
-            tt = t.expand(n).to(dev)
-            pred = self.denoiser(z, tt, cls_emb, ds_emb, layout)
-            if g != 1.0:
-                uncond = self.denoiser(z, tt, null_cls, null_ds, layout)
-                pred = uncond + g * (pred - uncond)
-            z = sched.step(pred, t, z).prev_sample  # eta = 0: deterministic given the initial noise
+        steps = steps or self.config.sample_steps
+        # phase 1: every token, conditioned on the support set
+        z = self._denoise(torch.randn(n, layout.num_tokens, self.config.latent_dim, generator=generator).to(dev),
+                          layout, steps, g, (cls_emb, ds_emb), (null_cls, null_ds), None)
+        if self.config.feature_dim:
+            # phase 2: keep the backbone, regenerate the class rows conditioned on the class features
+            # that this backbone computes on the support set (RePaint-style: known tokens are
+            # re-noised to each step's level, exactly what the denoiser saw in training)
+            known = layout.cls.to(dev) < 0
+            sd = decode_tokens(layout, self.vae.decode(z * self.latent_std, layout), self.stats)
+            support = cond.support[None].expand(n, *cond.support.shape).to(dev)
+            feats = self.class_features(sd, support, layout)
+            z0 = z
+            noise = torch.randn(z.shape, generator=generator).to(dev)
+            z = self._denoise(torch.randn(z.shape, generator=generator).to(dev), layout, steps, g,
+                              (cls_emb, ds_emb), (null_cls, null_ds), feats, known=(known, z0, noise))
         tokens = self.vae.decode(z * self.latent_std, layout)
+        if self.config.imprint_head and self.config.feature_dim:
+            support = cond.support[None].expand(n, *cond.support.shape).to(dev)
+            tokens = tokens + self.imprint_tokens(decode_tokens(layout, tokens, self.stats), support, layout)
         return decode_tokens(layout, tokens, self.stats)
+
+    def _denoise(self, z, layout, steps, g, cond, null, feats, known=None):
+        """The DDIM loop (eta = 0: deterministic given the initial noise), with classifier-free
+        guidance and, optionally, known tokens held at their noised true values."""
+        sched = DDIMScheduler.from_config(self.noise_scheduler.config)
+        sched.set_timesteps(steps)
+        n = z.shape[0]
+        for t in sched.timesteps:
+            tt = t.expand(n).to(z.device)
+            if known is not None:
+                mask, z0, noise = known
+                z = torch.where(mask[None, :, None], self.noise_scheduler.add_noise(z0, noise, tt), z)
+            pred = self.denoiser(z, tt, *cond, layout, feats)
+            if g != 1.0:
+                uncond = self.denoiser(z, tt, *null, layout, None)
+                pred = uncond + g * (pred - uncond)
+            z = sched.step(pred, t, z).prev_sample
+        if known is not None:
+            z = torch.where(known[0][None, :, None], known[1], z)
+        return z
+
+
+def _classifier_in_features(arch: str, num_classes: int, input_shape) -> int:
+    from weightgen.archs import get_arch
+
+    spec = get_arch(arch)
+    w = next(t for t in spec.tensors(num_classes, input_shape) if t.name.startswith(spec.classifier) and t.name.endswith("weight") and len(t.shape) == 2)
+    return w.shape[1]
 
 
 register_preset("d2nwg-tiny", "d2nwg", latent_dim=16, vae_hidden=64, vae_depth=1, d_model=32, depth=1, heads=2,

@@ -118,7 +118,7 @@ def sample(arch: str, dataset: str | TaskData, generator: str | None = None, n: 
     gen = load_generator(str(gdir))
     k, shape = task.num_classes, task.input_shape
     per_class = int(getattr(gen.config, "support_per_class", 10))
-    sx, sy = task.support(per_class=per_class, seed=seed)
+    sx, sy = task.support(per_class=per_class, seed=seed)  # only read: conditioning and selection
     support = group_support(sx, sy, k, per_class, torch.Generator().manual_seed(seed))
     samples = gen.sample(Condition(support, instruction), n, generator=torch.Generator().manual_seed(seed))
     samples = {name: v.contiguous() for name, v in samples.items()}
@@ -129,8 +129,7 @@ def sample(arch: str, dataset: str | TaskData, generator: str | None = None, n: 
         sd = refine(arch, k, shape, sd, sx, sy, refine_steps)
     # an honest estimate: accuracy on train examples that neither conditioned nor selected the sample
     rest = torch.ones(len(task.y_train), dtype=torch.bool)
-    seen = {tuple(r.tolist()) for r in sx.flatten(1)}
-    rest = torch.tensor([tuple(r.tolist()) not in seen for r in task.x_train.flatten(1)]) if len(seen) < 5000 else rest
+    rest[task.support_indices(per_class, seed)] = False
     one = {name: v[None] for name, v in sd.items()}
     predicted = float(accuracy_many(arch, k, shape, one, task.x_train[rest], task.y_train[rest])) if rest.any() else None
     info = generator_info(gdir)

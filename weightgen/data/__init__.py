@@ -41,17 +41,20 @@ class TaskData:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def support(self, per_class: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fixed-size support set from the train split: ``per_class`` examples of each class,
-        in class order (fewer where a class has fewer). Deterministic in ``seed``."""
+    def support_indices(self, per_class: int = 10, seed: int = 0) -> torch.Tensor:
+        """Train-split indices of the support set: ``per_class`` examples of each class, in class
+        order (fewer where a class has fewer). Deterministic in ``seed``."""
         g = torch.Generator().manual_seed(seed)
-        xs, ys = [], []
+        out = []
         for c in range(self.num_classes):
             idx = (self.y_train == c).nonzero().flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
-            xs.append(self.x_train[idx])
-            ys.append(self.y_train[idx])
-        return torch.cat(xs), torch.cat(ys)
+            out.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        return torch.cat(out)
+
+    def support(self, per_class: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support set (x, y) that generators condition on (see :meth:`support_indices`)."""
+        idx = self.support_indices(per_class, seed)
+        return self.x_train[idx], self.y_train[idx]
 
     def fingerprint(self) -> str:
         """sha256 over the train split, so results can name exactly which data they used."""

@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     from weightgen.eval_cli import add_eval_parser
 
     add_eval_parser(sub)
+
+    from serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

@@ -1,0 +1,43 @@
+"""``weightgen serve``: run the HTTP application on a local Ray instance (blocking)."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local single-user cluster bound to --host
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    ray.init(address=a.address, include_dashboard=False)
+    serve.start(http_options={"host": a.host, "port": a.port})
+    args = {"home": os.environ.get("WEIGHTGEN_HOME")} if os.environ.get("WEIGHTGEN_HOME") else {}
+    if a.torch_threads:
+        args["torch_threads"] = a.torch_threads
+    def _stop(signum, frame):  # SIGTERM (kill, docker stop) shuts down like Ctrl-C: no orphaned Ray processes
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    print(f"weightgen serving on http://{a.host}:{a.port} (POST /v1/generate, GET /v1/archs, /healthz); Ctrl-C stops")
+    try:
+        serve.run(build_app(args), name="weightgen", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser("serve", help="serve generated weights over HTTP (Ray Serve)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    s.add_argument("--torch-threads", type=int, default=0, help="torch threads per generator replica")
+    s.set_defaults(fn=cmd_serve)
+    return s

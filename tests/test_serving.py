@@ -1,0 +1,196 @@
+"""The Ray Serve application over real HTTP: one Serve instance on 127.0.0.1 for the module."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import struct
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+DATASET = "digits:classes=0,1,2,3,4"
+MAX_BODY = 1 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, tiny_home):
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"home": str(tiny_home), "torch_threads": 1, "max_body_bytes": MAX_BODY}),
+                  name="weightgen", route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    with httpx.Client(base_url=base_url, timeout=120) as c:
+        yield c
+
+
+def _metadata(body: bytes) -> dict:
+    (n,) = struct.unpack("<Q", body[:8])
+    return json.loads(body[8:8 + n]).get("__metadata__", {})
+
+
+def _check_weights(r, num_classes: int = 5) -> dict:
+    from safetensors.torch import load
+
+    from weightgen import build_model
+
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert hashlib.sha256(r.content).hexdigest() == r.headers["x-weightgen-sha256"]
+    sd = load(r.content)
+    build_model("mlp-s", num_classes, (64,)).load_state_dict(sd, strict=True)
+    meta = json.loads(_metadata(r.content)["weightgen"])
+    assert meta["arch"] == "mlp-s" and meta["num_classes"] == num_classes
+    assert meta["manifest"]["generator"] == r.headers["x-weightgen-generator"]
+    assert 0.0 <= float(r.headers["x-weightgen-support-accuracy"]) <= 1.0
+    return meta
+
+
+def _support_rows(per_class: int = 15) -> dict:
+    from weightgen.data import load_dataset
+
+    task = load_dataset(DATASET)
+    idx = torch.cat([(task.y_train == c).nonzero().flatten()[:per_class] for c in range(task.num_classes)])
+    return {"x": task.x_train[idx].tolist(), "y": task.y_train[idx].tolist()}
+
+
+def test_generate_registry_dataset(client):
+    r = client.post("/v1/generate", json={"arch": "mlp-s", "dataset": DATASET, "n": 4, "seed": 1,
+                                          "generator": "d2nwg-tiny"})
+    meta = _check_weights(r)
+    assert r.headers["x-weightgen-generator"] == "d2nwg-tiny"
+    assert meta["manifest"]["dataset"] == DATASET and "novelty" in meta["manifest"]
+    again = client.post("/v1/generate", json={"arch": "mlp-s", "dataset": DATASET, "n": 4, "seed": 1,
+                                              "generator": "d2nwg-tiny"})
+    assert again.content == r.content  # same request, same bytes (no timestamps in the file)
+
+
+def test_generate_inline_support(client):
+    r = client.post("/v1/generate", json={"arch": "mlp-s", "support": _support_rows(), "n": 4,
+                                          "generator": "hypernet-tiny", "novelty": False})
+    meta = _check_weights(r)
+    assert meta["manifest"]["dataset"] == "inline" and r.headers["x-weightgen-generator"] == "hypernet-tiny"
+
+
+def test_concurrent_requests_are_batched(base_url):
+    async def go():
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as c:
+            bodies = [{"arch": "mlp-s", "dataset": DATASET, "n": 2, "seed": i % 4, "novelty": False} for i in range(8)]
+            return await asyncio.gather(*(c.post("/v1/generate", json=b) for b in bodies))
+
+    rs = asyncio.run(go())
+    for r in rs:
+        _check_weights(r)
+    for i in range(4):  # same seed, same bytes, whichever batch served it
+        assert rs[i].headers["x-weightgen-sha256"] == rs[i + 4].headers["x-weightgen-sha256"]
+    assert max(int(r.headers["x-weightgen-batch-size"]) for r in rs) > 1
+
+
+def _chunked(total: int):
+    for _ in range(total // 65536 + 1):
+        yield b" " * 65536
+
+
+OK = {"arch": "mlp-s", "dataset": DATASET, "n": 2, "novelty": False}
+SUPPORT_BAD_LABELS = {"x": [[0.0] * 64] * 4, "y": [0, 1, 0]}
+SUPPORT_GAP = {"x": [[0.0] * 64] * 4, "y": [0, 2, 0, 2]}
+
+
+@pytest.mark.parametrize("case,kwargs,status", [
+    ("unknown arch", {"json": {**OK, "arch": "nope"}}, 404),
+    ("unknown generator", {"json": {**OK, "generator": "nope"}}, 404),
+    ("generator as a path", {"json": {**OK, "generator": "/etc"}}, 404),
+    ("unknown dataset kind", {"json": {**OK, "dataset": "nosuch:x"}}, 404),
+    ("bad dataset args", {"json": {**OK, "dataset": "digits:classes=a,b"}}, 422),
+    ("server-side file dataset", {"json": {**OK, "dataset": "npz:/etc/passwd"}}, 422),
+    ("malformed JSON", {"content": b'{"arch": "mlp-s", ', "headers": {"content-type": "application/json"}}, 422),
+    ("not an object", {"json": [1, 2]}, 422),
+    ("missing arch", {"json": {"dataset": DATASET}}, 422),
+    ("extra field", {"json": {**OK, "bogus": 1}}, 422),
+    ("dataset and support", {"json": {**OK, "support": SUPPORT_GAP}}, 422),
+    ("neither dataset nor support", {"json": {"arch": "mlp-s"}}, 422),
+    ("labels not matching inputs", {"json": {"arch": "mlp-s", "support": SUPPORT_BAD_LABELS}}, 422),
+    ("labels with a gap", {"json": {"arch": "mlp-s", "support": SUPPORT_GAP}}, 422),
+    ("ragged rows", {"json": {"arch": "mlp-s", "support": {"x": [[0.0] * 64, [0.0] * 63], "y": [0, 1]}}}, 422),
+    ("NaN input", {"content": b'{"arch": "mlp-s", "support": {"x": [[NaN, 1.0], [1.0, 2.0]], "y": [0, 1]}}'}, 422),
+    ("Inf input", {"content": b'{"arch": "mlp-s", "support": {"x": [[Infinity, 1.0], [1.0, 2.0]], "y": [0, 1]}}'}, 422),
+    ("float32 overflow", {"json": {"arch": "mlp-s", "n": 1, "support": {"x": [[1e39] * 64] * 4, "y": [0, 1, 0, 1]}}}, 422),
+    ("n above max", {"json": {**OK, "n": 33}}, 422),
+    ("n zero", {"json": {**OK, "n": 0}}, 422),
+    ("bad select", {"json": {**OK, "select": "worst"}}, 422),
+    ("no generator for the shape", {"json": {"arch": "mlp-s", "n": 1, "support": {"x": [[0.0] * 10] * 4, "y": [0, 1, 0, 1]}}}, 404),
+    ("no generator for the arch", {"json": {**OK, "arch": "mlp-m"}}, 404),
+    ("body over the limit", {"content": b" " * (MAX_BODY + 1), "headers": {"content-type": "application/json"}}, 413),
+    ("chunked body over the limit", {"chunked": MAX_BODY + 1}, 413),
+])
+def test_bad_requests_are_4xx_json(client, case, kwargs, status):
+    if "chunked" in kwargs:  # a generator body: no Content-Length, sent chunked
+        kwargs = {"content": _chunked(kwargs["chunked"])}
+    if "content" in kwargs:
+        kwargs.setdefault("headers", {"content-type": "application/json"})
+    r = client.post("/v1/generate", **kwargs)
+    assert r.status_code == status, (case, r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"], case
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_other_class_count(client):
+    """The tiny generators were trained on 5-class tasks; a 10-class request still gets loadable weights."""
+    r = client.post("/v1/generate", json={**OK, "dataset": "digits"})
+    _check_weights(r, num_classes=10)
+
+
+def test_catalogue(client):
+    archs = client.get("/v1/archs").json()
+    assert "mlp-s" in [a["name"] for a in archs]
+    gens = {g["name"]: g for g in client.get("/v1/generators").json()}
+    assert {"d2nwg-tiny", "hypernet-tiny"} <= set(gens) and gens["d2nwg-tiny"]["arch"] == "mlp-s"
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_zoo_endpoints(client):
+    from safetensors.torch import load
+
+    from weightgen import build_model
+    from zoo.store import checkpoint_id
+
+    page = client.get("/v1/zoo", params={"arch": "mlp-s", "limit": 3}).json()
+    assert page["total"] >= 3 and len(page["records"]) == 3
+    one = page["records"][0]
+    ds = client.get("/v1/zoo", params={"dataset": one["dataset"]}).json()
+    assert ds["total"] >= 1 and all(r["dataset"] == one["dataset"] for r in ds["records"])
+    r = client.get(f"/v1/zoo/{one['id']}")
+    assert r.status_code == 200 and r.headers["x-weightgen-zoo-id"] == one["id"]
+    assert hashlib.sha256(r.content).hexdigest() == r.headers["x-weightgen-sha256"]
+    sd = load(r.content)
+    assert checkpoint_id(sd) == one["id"]  # bit-exact
+    build_model(one["arch"], one["num_classes"], one["input_shape"]).load_state_dict(sd, strict=True)
+    assert json.loads(_metadata(r.content)["weightgen"])["zoo_id"] == one["id"]
+    for bad, status in [("/v1/zoo/0000000000000000", 404), ("/v1/zoo?limit=abc", 422), ("/v1/zoo?limit=0", 422),
+                        ("/v1/nope", 404)]:
+        b = client.get(bad)
+        assert b.status_code == status and b.json()["error"], (bad, b.text)

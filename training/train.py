@@ -28,6 +28,7 @@ from training.config import TrainConfig, parse_override
 from weightgen.data import load_dataset
 from weightgen.evaluate import accuracy_many
 from weightgen.generators import get_generator_class, resolve_preset
+from weightgen.generators.common import decode_tokens
 from weightgen.generators.zoo_data import ZooWeights
 from weightgen.paths import default_zoo, generators_dir, home
 from zoo import open_zoo
@@ -56,8 +57,6 @@ def recon_gate(model, data: ZooWeights, max_tasks: int = 10) -> dict:
         task = load_dataset(data.tasks[ti])
         support = data.support(rows, getattr(model.config, "support_per_class", 10), torch.Generator().manual_seed(0))
         rec = model.reconstruct(data.tokens[rows], data.num_classes, support)
-        from weightgen.generators.common import decode_tokens
-
         rec_sd = decode_tokens(data.layout, rec, model.stats)
         orig_sd = {k: v[rows] for k, v in data.weights.items()}
         orig_acc.append(accuracy_many(data.arch, data.num_classes, data.input_shape, orig_sd, task.x_test, task.y_test))

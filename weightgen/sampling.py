@@ -20,7 +20,7 @@ from weightgen import __version__
 from weightgen.archs import get_arch, model_config
 from weightgen.data import TaskData, load_dataset
 from weightgen.encoders import group_support
-from weightgen.evaluate import accuracy_many, logits_many
+from weightgen.evaluate import accuracy_many
 from weightgen.generators import Condition, GENERATORS, _load_all
 from weightgen.paths import generators_dir
 
@@ -180,8 +180,4 @@ def load_model(path: str | Path, device=None) -> torch.nn.Module:
     return model.eval()
 
 
-def predict(model: torch.nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
-    return get_arch(arch).logits(model, x).argmax(-1)
-
-
-__all__ = ["sample", "write", "load_model", "find_generator", "load_generator", "NoGeneratorError", "logits_many"]
+__all__ = ["sample", "write", "load_model", "find_generator", "load_generator", "NoGeneratorError"]

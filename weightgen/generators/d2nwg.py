@@ -206,17 +206,22 @@ class D2NWG(ModelMixin, ConfigMixin):
         return {"loss": err.mean()}
 
     @torch.no_grad()
-    def class_features(self, sd: dict[str, torch.Tensor], support: torch.Tensor, layout) -> torch.Tensor:
-        """(B, K, F+1): each class's mean penultimate feature under each model's backbone, scaled to
-        unit RMS per model, with the log of that scale appended (so magnitudes are not lost)."""
+    def _raw_features(self, sd, support, layout):
         from weightgen.evaluate import complete, penultimate_many
 
         c = self.config
         b, k, m = support.shape[:3]
-        x = support.reshape(b, k * m, *support.shape[3:])
         full = complete(c.arch, k, tuple(c.input_shape), sd, self._backbone)
-        f = penultimate_many(c.arch, k, tuple(c.input_shape), full, x, per_model_x=True)  # (B, K*M, F)
-        f = f.reshape(b, k, m, -1).mean(2)
+        f = penultimate_many(c.arch, k, tuple(c.input_shape), full, support.reshape(b, k * m, *support.shape[3:]),
+                             per_model_x=True)
+        return f.reshape(b, k, m, -1).mean(2)  # (B, K, F)
+
+    @torch.no_grad()
+    def class_features(self, sd: dict[str, torch.Tensor], support: torch.Tensor, layout) -> torch.Tensor:
+        """(B, K, F+1): each class's mean penultimate feature under each model's backbone, scaled to
+        unit RMS per model, with the log of that scale appended (so magnitudes are not lost)."""
+        f = self._raw_features(sd, support, layout)  # (B, K, F)
+        k = f.shape[1]
         rms = f.pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-6)
         return torch.cat([f / rms, rms.log().expand(-1, k, 1)], -1)
 
@@ -232,16 +237,6 @@ class D2NWG(ModelMixin, ConfigMixin):
     # form of the support set, like the set encoder, not an optimization on it. The diffusion
     # generates what trained heads add to it (discriminative corrections), which transfers to
     # class sets it never saw far better than generating raw rows.
-
-    def _raw_features(self, sd, support, layout):
-        from weightgen.evaluate import complete, penultimate_many
-
-        c = self.config
-        b, k, m = support.shape[:3]
-        full = complete(c.arch, k, tuple(c.input_shape), sd, self._backbone)
-        f = penultimate_many(c.arch, k, tuple(c.input_shape), full, support.reshape(b, k * m, *support.shape[3:]),
-                             per_model_x=True)
-        return f.reshape(b, k, m, -1).mean(2)  # (B, K, F)
 
     def _head_names(self, layout) -> tuple[str, str | None]:
         from weightgen.archs import get_arch

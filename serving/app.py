@@ -11,22 +11,34 @@ so bad input is always a 4xx. Replicas and resources live in ``serve_config.yaml
 """
 
 import asyncio
+import io
 import json
 import math
 import os
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
+from serving import metrics
+
 MAX_N = 32
-MAX_BODY_BYTES = 8 << 20
+MAX_BODY_BYTES = 8 << 20  # JSON bodies
+MAX_UPLOAD_BYTES = 64 << 20  # multipart .npz uploads
+UPLOAD_EXPANSION = 4  # an upload's arrays may inflate to this many times the upload limit
+REQUEST_TIMEOUT_S = 60.0
 BLOCKED_DATASET_KINDS = ("npz", "folder")  # they read server-side paths
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError,
+                DeploymentUnavailableError, ReplicaUnavailableError)
 
 
 class SupportSet(BaseModel):
@@ -46,6 +58,25 @@ class GenerateRequest(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     select: str = Field("best", pattern="^(best|none)$")
     novelty: bool = True
+    timeout_s: float | None = Field(None, gt=0, description="give up after this many seconds (capped by the server's limit)")
+
+
+class ErrorBody(BaseModel):
+    error: Any = Field(description="what was wrong: a message, or a list of validation errors")
+
+
+UPLOAD_SCHEMA = {
+    "type": "object", "required": ["request", "data"],
+    "properties": {
+        "request": {"type": "string", "description": "JSON of the generate request without 'dataset' and 'support'"},
+        "data": {"type": "string", "format": "binary",
+                 "description": ".npz with x (N, ...features) float, y (N,) int labels 0..K-1; optional x_test, y_test"},
+    },
+}
+ERRORS = {code: {"model": ErrorBody, "description": why} for code, why in [
+    (404, "unknown arch, generator, dataset or checkpoint (the message lists what exists)"),
+    (408, "the request took longer than its timeout"), (413, "body over the size limit"),
+    (422, "malformed or invalid request"), (503, "no generator replica available right now; retry")]}
 
 
 class GeneratorInfo(BaseModel):
@@ -90,9 +121,9 @@ class GeneratorDeployment:
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_generator(self, generator_id: str):
-        from weightgen.sampling import find_generator, load_generator
+        from weightgen.sampling import find_generator, open_generator
 
-        return load_generator(str(find_generator("", (), generator_id)))
+        return open_generator(find_generator("", (), generator_id))  # uncached: eviction frees it
 
     def resolve(self, req: dict) -> dict:
         """Check arch/dataset/generator names and pick the generator (its name is the multiplexed id)."""
@@ -106,7 +137,11 @@ class GeneratorDeployment:
             names = [d.name for d in _generator_dirs()]
             if req.get("generator") and req["generator"] not in names:
                 return _err(404, f"Unknown generator {req['generator']!r}. Available: {', '.join(names) or 'none'}")
-            if req.get("dataset"):
+            if req.get("npz") is not None:
+                from weightgen.data.files import npz_feature_shape
+
+                shape = npz_feature_shape(io.BytesIO(req["npz"]))
+            elif req.get("dataset"):
                 kind, args = split_name(req["dataset"])
                 if kind in BLOCKED_DATASET_KINDS or "download" in args:
                     return _err(422, f"dataset {req['dataset']!r}: {kind}: and download are not served over HTTP; "
@@ -123,29 +158,32 @@ class GeneratorDeployment:
         out = []
         for req in reqs:
             try:
-                await self.get_generator(req["generator"])  # load (or LRU-hit) through the multiplexer
-                out.append(await asyncio.to_thread(self._generate_one, req, len(reqs)))
+                loaded = await self.get_generator(req["generator"])  # load (or LRU-hit) through the multiplexer
+                out.append(await asyncio.to_thread(self._generate_one, loaded, req, len(reqs)))
             except Exception as e:  # noqa: BLE001
                 out.append(_classify(e))
         return out
 
-    def _generate_one(self, req: dict, batch_size: int) -> dict:
+    def _generate_one(self, loaded, req: dict, batch_size: int) -> dict:
         import hashlib
 
         import numpy as np
         from safetensors.torch import save
 
-        from weightgen.data.files import task_from_arrays
+        from weightgen.data.files import task_from_arrays, task_from_npz
         from weightgen.sampling import sample
 
-        if req.get("support"):
+        if req.get("npz") is not None:
+            dataset = task_from_npz(f"upload:{req['upload_name']}", io.BytesIO(req["npz"]),
+                                    max_bytes=req["max_array_bytes"], source="request")
+        elif req.get("support"):
             x, y = np.asarray(req["support"]["x"], dtype=np.float64), np.asarray(req["support"]["y"])
             if not np.all(np.isfinite(x)):
                 return _err(422, "support.x contains NaN or Inf")
             dataset = task_from_arrays("inline", x, y, source="request")
         else:
             dataset = req["dataset"]
-        r = sample(req["arch"], dataset, generator=req["generator"], n=req["n"], select=req["select"],
+        r = sample(req["arch"], dataset, generator=loaded, n=req["n"], select=req["select"],
                    seed=req["seed"], instruction=req.get("instruction"), novelty=req.get("novelty", True))
         manifest = {k: v for k, v in r.manifest.items() if k != "seconds"}  # same request, same bytes
         meta = {"weightgen": json.dumps({**r.config, "manifest": manifest}, sort_keys=True)}
@@ -205,7 +243,10 @@ class GeneratorDeployment:
                                           "X-Weightgen-Zoo-Id": rec["id"], "X-Weightgen-Arch": rec["arch"]}}
 
 
-app = FastAPI(title="weightgen", version="1")
+app = FastAPI(title="weightgen", version="1",
+              description="Generated neural-network weights: name an architecture and a dataset, get safetensors.")
+
+app.add_middleware(metrics.MetricsMiddleware)
 
 
 @app.exception_handler(RequestValidationError)
@@ -218,55 +259,151 @@ async def _http(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, exc.detail)
 
 
+def _openapi() -> dict:
+    """FastAPI's schema plus the generate request body, which the route reads by hand (two
+    content types, size limits before parsing) and so cannot declare as a typed parameter."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        body = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(body.pop("$defs", {}))
+        comps["GenerateRequest"], comps["UploadRequest"] = body, UPLOAD_SCHEMA
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+BINARY = {200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "safetensors; config and manifest in its metadata and X-Weightgen-* headers"}}
+GENERATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/UploadRequest"}}}}}
+UPLOAD_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+async def _read_capped(request: Request, limit: int) -> bytes | JSONResponse:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return _error(413, f"request body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():  # also caps chunked bodies that declare no length
+        body += chunk
+        if len(body) > limit:
+            return _error(413, f"request body over {limit} bytes")
+    return bytes(body)
+
+
+def _check_request(raw: Any, upload: bool) -> GenerateRequest | JSONResponse:
+    try:
+        req = GenerateRequest.model_validate(raw)
+    except ValidationError as e:
+        return _error(422, json.loads(e.json(include_url=False, include_input=False)))
+    if upload:
+        if req.dataset is not None or req.support is not None:
+            return _error(422, "with an .npz upload, the 'request' part must not also give 'dataset' or 'support'")
+        return req
+    if (req.dataset is None) == (req.support is None):
+        return _error(422, "give exactly one of 'dataset' (a registry name) or 'support' ({x, y}), "
+                           "or upload an .npz as multipart/form-data")
+    if req.support is not None:
+        s = req.support
+        if len(s.y) != len(s.x):
+            return _error(422, f"support.y has {len(s.y)} labels for {len(s.x)} rows of support.x")
+        if len({len(row) for row in s.x}) != 1 or not s.x[0]:
+            return _error(422, "support.x rows must all have the same, non-zero length")
+        if not all(math.isfinite(v) for row in s.x for v in row):
+            return _error(422, "support.x contains NaN or Inf")
+    return req
+
+
+async def _parse_upload(request: Request, body: bytes) -> tuple[Any, str, bytes] | JSONResponse:
+    """(request JSON, file name, npz bytes) from a multipart body already read under the cap."""
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        async with Request(request.scope, replay).form(max_files=1, max_fields=1) as form:
+            meta, data = form.get("request"), form.get("data")
+            if not isinstance(meta, str) or data is None or isinstance(data, str):
+                return _error(422, "multipart upload needs a text part 'request' (JSON) and a file part 'data' (.npz)")
+            name = UPLOAD_NAME.sub("_", data.filename or "data.npz")[:100]
+            npz = await data.read()
+    except HTTPException as e:  # malformed multipart, too many parts (starlette's own 400s)
+        return _error(422, f"malformed multipart body: {e.detail}")
+    try:
+        raw = json.loads(meta)
+    except ValueError as e:
+        return _error(422, f"malformed JSON in the 'request' part: {e}")
+    return raw, name, npz
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, generator, max_body_bytes: int = MAX_BODY_BYTES):
+    """HTTP only: limits, parsing, status codes, metrics. The work happens in GeneratorDeployment."""
+
+    def __init__(self, generator, max_body_bytes: int = MAX_BODY_BYTES, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S):
         self.gen = generator
-        self.max_body_bytes = int(max_body_bytes)
+        self.max_body_bytes, self.max_upload_bytes = int(max_body_bytes), int(max_upload_bytes)
+        self.request_timeout_s = float(request_timeout_s)
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.post("/v1/generate", response_class=Response,
-              responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}})
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {metrics.CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
+    async def prometheus(self):
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+    @app.post("/v1/generate", response_class=Response, responses={**BINARY, **ERRORS}, openapi_extra=GENERATE_BODY)
     async def generate(self, request: Request):
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            return _error(413, f"request body over {self.max_body_bytes} bytes")
-        body = b""
-        async for chunk in request.stream():  # also caps chunked bodies that declare no length
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                return _error(413, f"request body over {self.max_body_bytes} bytes")
+        """JSON ``GenerateRequest`` (a registry dataset or an inline support set), or multipart
+        with a ``request`` JSON part and a ``data`` .npz file part for larger datasets."""
+        upload = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+        body = await _read_capped(request, self.max_upload_bytes if upload else self.max_body_bytes)
+        if isinstance(body, JSONResponse):
+            return body
+        extra = {}
+        if upload:
+            parsed = await _parse_upload(request, body)
+            if isinstance(parsed, JSONResponse):
+                return parsed
+            raw, name, npz = parsed
+            extra = {"npz": npz, "upload_name": name, "max_array_bytes": UPLOAD_EXPANSION * self.max_upload_bytes}
+        else:
+            try:
+                raw = json.loads(body)  # NaN/Infinity literals parse; they are rejected below
+            except (ValueError, UnicodeDecodeError) as e:
+                return _error(422, f"malformed JSON: {e}")
+        req = _check_request(raw, upload)
+        if isinstance(req, JSONResponse):
+            return req
+        timeout = min(req.timeout_s or self.request_timeout_s, self.request_timeout_s)
         try:
-            raw = json.loads(body)  # NaN/Infinity literals parse; they are rejected below
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error(422, f"malformed JSON: {e}")
-        try:
-            req = GenerateRequest.model_validate(raw)
-        except ValidationError as e:
-            return _error(422, json.loads(e.json(include_url=False, include_input=False)))
-        if (req.dataset is None) == (req.support is None):
-            return _error(422, "give exactly one of 'dataset' (a registry name) or 'support' ({x, y})")
-        if req.support is not None:
-            s = req.support
-            if len(s.y) != len(s.x):
-                return _error(422, f"support.y has {len(s.y)} labels for {len(s.x)} rows of support.x")
-            if len({len(row) for row in s.x}) != 1 or not s.x[0]:
-                return _error(422, "support.x rows must all have the same, non-zero length")
-            if not all(math.isfinite(v) for row in s.x for v in row):
-                return _error(422, "support.x contains NaN or Inf")
-        payload = req.model_dump()
-        picked = await self.gen.resolve.remote(payload)
-        if "error" in picked:
-            return _error(picked["status"], picked["error"])
-        payload["generator"] = picked["generator"]
-        out = await self.gen.options(multiplexed_model_id=picked["generator"]).generate.remote(payload)
+            out = await asyncio.wait_for(self._generate({**req.model_dump(), **extra}), timeout)
+        except asyncio.TimeoutError:  # cancelling the wait cancels the replica's request too
+            metrics.TIMEOUTS.inc()
+            return _error(408, f"generation took longer than the {timeout:g} s timeout; retry, ask for a smaller n, "
+                               f"or raise timeout_s (server limit {self.request_timeout_s:g} s)")
+        except REPLICA_GONE as e:
+            return JSONResponse({"error": f"no generator replica available right now ({type(e).__name__}); retry"},
+                                status_code=503, headers={"Retry-After": "5"})
         if "error" in out:
             return _error(out["status"], out["error"])
+        gen_name = out["headers"]["X-Weightgen-Generator"]
+        metrics.GENERATED.labels(gen_name, out["headers"]["X-Weightgen-Arch"]).inc()
+        metrics.CANDIDATES.labels(gen_name).inc(req.n)
         return Response(out["body"], media_type="application/octet-stream", headers=out["headers"])
+
+    async def _generate(self, payload: dict) -> dict:
+        picked = await self.gen.resolve.remote(payload)
+        if "error" in picked:
+            return picked
+        payload["generator"] = picked["generator"]
+        return await self.gen.options(multiplexed_model_id=picked["generator"]).generate.remote(payload)
 
     @app.get("/v1/archs")
     async def archs(self) -> list[dict]:
@@ -276,15 +413,14 @@ class Ingress:
     async def generators(self) -> list[GeneratorInfo]:
         return await self.gen.generators.remote()
 
-    @app.get("/v1/zoo")
+    @app.get("/v1/zoo", responses=ERRORS)
     async def zoo(self, arch: str | None = None, dataset: str | None = None, limit: int = 100):
         if not 1 <= limit <= 10_000:
             return _error(422, "limit must be in 1..10000")
         out = await self.gen.zoo_query.remote(arch, dataset, limit)
         return _error(out["status"], out["error"]) if "error" in out else out
 
-    @app.get("/v1/zoo/{ckpt_id}", response_class=Response,
-             responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}})
+    @app.get("/v1/zoo/{ckpt_id}", response_class=Response, responses={**BINARY, **ERRORS})
     async def zoo_checkpoint(self, ckpt_id: str):
         out = await self.gen.zoo_checkpoint.remote(ckpt_id)
         if "error" in out:
@@ -296,6 +432,8 @@ def build_app(args: dict) -> Application:
     """Entry point for ``serve run serving.app:build_app home=...`` and the YAML config.
 
     args: ``home`` (the WEIGHTGEN_HOME for replicas; default: theirs), ``torch_threads``,
-    ``max_body_bytes``."""
+    ``max_body_bytes`` (JSON), ``max_upload_bytes`` (multipart .npz), ``request_timeout_s``."""
     gen = GeneratorDeployment.bind(args.get("home"), args.get("torch_threads"))
-    return Ingress.bind(gen, int(args.get("max_body_bytes", MAX_BODY_BYTES)))
+    return Ingress.bind(gen, int(args.get("max_body_bytes", MAX_BODY_BYTES)),
+                        int(args.get("max_upload_bytes", MAX_UPLOAD_BYTES)),
+                        float(args.get("request_timeout_s", REQUEST_TIMEOUT_S)))

@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 
 DATASET = "digits:classes=0,1,2,3,4"
 MAX_BODY = 1 << 20
+MAX_UPLOAD = 2 << 20
 
 
 def _free_port() -> int:
@@ -34,7 +35,8 @@ def base_url(ray_session, tiny_home):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"home": str(tiny_home), "torch_threads": 1, "max_body_bytes": MAX_BODY}),
+        serve.run(build_app({"home": str(tiny_home), "torch_threads": 1, "max_body_bytes": MAX_BODY,
+                             "max_upload_bytes": MAX_UPLOAD}),
                   name="weightgen", route_prefix="/", blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -194,3 +196,174 @@ def test_zoo_endpoints(client):
                         ("/v1/nope", 404)]:
         b = client.get(bad)
         assert b.status_code == status and b.json()["error"], (bad, b.text)
+
+
+# ---------------------------------------------------------------- .npz uploads (multipart)
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def _upload(client, data: bytes | None, request: dict | str | None = None, name: str = "mine.npz"):
+    fields = {} if request is None else {"request": request if isinstance(request, str) else json.dumps(request)}
+    files = None if data is None else {"data": (name, data, "application/octet-stream")}
+    return client.post("/v1/generate", data=fields, files=files)
+
+
+def test_upload_npz_dataset(client):
+    """A whole training set (not just a support set) as an .npz: weights load, and the predicted
+    accuracy is measured on the uploaded examples that did not condition or select them."""
+    from weightgen.data import load_dataset
+
+    task = load_dataset(DATASET)
+    data = _npz(x=task.x_train.numpy(), y=task.y_train.numpy(), x_test=task.x_test.numpy(), y_test=task.y_test.numpy())
+    r = _upload(client, data, {"arch": "mlp-s", "n": 4, "seed": 2, "generator": "d2nwg-tiny"}, name="my digits!.npz")
+    meta = _check_weights(r)
+    m = meta["manifest"]
+    assert m["dataset"] == "upload:my_digits_.npz" and m["predicted_accuracy"] is not None
+    assert m["support_size"] < len(task.y_train)
+    assert r.headers["x-weightgen-dataset"] == "upload:my_digits_.npz"
+
+
+@pytest.mark.parametrize("case,data,request_part,status", [
+    ("no file part", None, {"arch": "mlp-s"}, 422),
+    ("no request part", "ok", None, 422),
+    ("request part not JSON", "ok", "{arch", 422),
+    ("request part also names a dataset", "ok", {"arch": "mlp-s", "dataset": DATASET}, 422),
+    ("not a zip", b"definitely not an npz", {"arch": "mlp-s"}, 422),
+    ("no x array", "no-x", {"arch": "mlp-s"}, 422),
+    ("object arrays (pickles)", "pickle", {"arch": "mlp-s"}, 422),
+    ("labels not matching rows", "short-y", {"arch": "mlp-s"}, 422),
+    ("NaN in x", "nan", {"arch": "mlp-s"}, 422),
+    ("decompression bomb", "bomb", {"arch": "mlp-s"}, 422),
+    ("upload over the limit", "big", {"arch": "mlp-s"}, 413),
+    ("unknown arch", "ok", {"arch": "nope"}, 404),
+])
+def test_bad_uploads_are_4xx_json(client, case, data, request_part, status):
+    import numpy as np
+
+    x, y = np.random.default_rng(0).random((40, 64), dtype=np.float32), np.arange(40) % 4
+    data = {
+        "ok": lambda: _npz(x=x, y=y), "no-x": lambda: _npz(y=y), "short-y": lambda: _npz(x=x, y=y[:-1]),
+        "pickle": lambda: _pickled_npz(), "nan": lambda: _npz(x=np.where(x > 0.9, np.nan, x), y=y),
+        "bomb": lambda: _npz(x=np.zeros((4 * MAX_UPLOAD // 256 + 1, 64), np.float32), y=np.zeros(4 * MAX_UPLOAD // 256 + 1, np.int64)),
+        "big": lambda: np.random.default_rng(1).bytes(MAX_UPLOAD + 1),
+    }.get(data, lambda: data)() if isinstance(data, str) else data
+    r = _upload(client, data, request_part)
+    assert r.status_code == status, (case, r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json") and r.json()["error"], case
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def _pickled_npz() -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, x=np.array([{"a": 1}] * 4, dtype=object), y=np.arange(4))
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- timeouts, metrics, schema
+
+
+def test_request_past_its_timeout_is_408(client):
+    r = client.post("/v1/generate", json={**OK, "timeout_s": 1e-4})
+    assert r.status_code == 408 and "timeout" in r.json()["error"]
+    assert client.post("/v1/generate", json={**OK, "timeout_s": 0}).status_code == 422
+    _check_weights(client.post("/v1/generate", json=OK))  # and the next request is served
+
+
+def test_metrics_count_requests(client):
+    before = _metric(client, "weightgen_models_generated_total", 'arch="mlp-s"')
+    _check_weights(client.post("/v1/generate", json=OK))
+    client.post("/v1/generate", json={**OK, "arch": "nope"})
+    text = client.get("/metrics").text
+    assert _metric(client, "weightgen_models_generated_total", 'arch="mlp-s"') == before + 1
+    assert 'route="/v1/generate",status="200"' in text and 'route="/v1/generate",status="404"' in text
+    assert "weightgen_http_request_seconds_bucket" in text
+    client.get("/no/such/path/12345")
+    assert "/no/such/path" not in client.get("/metrics").text  # unmatched paths share one label
+
+
+def _metric(client, name: str, label: str) -> float:
+    lines = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith(name) and label in ln]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+
+@pytest.fixture(scope="module")
+def api_schema(base_url):
+    schemathesis = pytest.importorskip("schemathesis")
+    return schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_openapi_fuzz_never_5xx(case, base_url):
+    """Schemathesis drives every route with schema-shaped (and schema-breaking) input: never a 5xx."""
+    from schemathesis.checks import not_a_server_error
+
+    case.call_and_validate(base_url=base_url, checks=[not_a_server_error], timeout=120)
+
+
+# ---------------------------------------------------------------- a replica dies under load (last: it restarts one)
+
+
+def _replica_pids() -> set[int]:
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ServeReplica:weightgen:GeneratorDeployment" in cmd:
+            out.add(p.pid)
+    return out
+
+
+def test_replica_killed_under_load_recovers(base_url):
+    import os
+    import signal
+    import time
+
+    (pid,) = _replica_pids()
+
+    async def load(stop_at: float, statuses: list, after_kill: list, killed: list):
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as c:
+            while time.monotonic() < stop_at and not (killed and len(after_kill) >= 3):
+                r = await c.post("/v1/generate", json={**OK, "n": 1})
+                statuses.append(r.status_code)
+                if killed and r.status_code == 200 and time.monotonic() > killed[0]:
+                    after_kill.append(r)
+
+    async def go():
+        statuses, after_kill, killed = [], [], []
+        stop_at = time.monotonic() + 120
+        tasks = [asyncio.create_task(load(stop_at, statuses, after_kill, killed)) for _ in range(4)]
+        while len(statuses) < 8:
+            await asyncio.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(time.monotonic())
+        await asyncio.gather(*tasks)
+        return statuses, after_kill
+
+    statuses, after_kill = asyncio.run(go())
+    assert set(statuses) <= {200, 503}, statuses  # a dead replica is "retry later", never a 500
+    assert len(after_kill) >= 3, "no successful request after the replica was killed"
+    for r in after_kill:
+        _check_weights(r)
+    new = _replica_pids()
+    assert new and pid not in new

@@ -114,7 +114,7 @@ def shift_task(task: TaskData, pixels: int = 1) -> TaskData:
 def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tuple]:
     """name -> (generator, info) for every trained full-mode generator in ``root`` that can
     generate ``arch`` for k classes of this input shape."""
-    from weightgen.sampling import generator_info, load_generator
+    from weightgen.sampling import load_generator
 
     out = {}
     for d in sorted(p for p in Path(root).glob("*") if (p / "config.json").is_file()):
@@ -122,13 +122,14 @@ def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tup
         fits = c.get("arch") == arch and tuple(c.get("input_shape", ())) == tuple(input_shape)
         if not fits or c.get("mode", "full") != "full":
             continue
-        gen = load_generator(str(d))
+        loaded = load_generator(str(d))
+        gen = loaded.model
         try:  # e.g. a hypernet trained for another class count
             gen.sample(Condition(torch.zeros(k, 2, *input_shape)), 1, generator=torch.Generator().manual_seed(0))
         except ValueError:
             continue
         summary = d / "training_summary.json"
-        info = {**generator_info(d), "training_tasks": json.loads(summary.read_text()).get("training_tasks", [])
+        info = {**loaded.info, "training_tasks": json.loads(summary.read_text()).get("training_tasks", [])
                 if summary.is_file() else []}
         out[d.name] = (gen, info)
     return out

@@ -61,16 +61,36 @@ def find_generator(arch: str, input_shape, name: str | None = None) -> Path:
     return (pref or fits)[0]
 
 
-@lru_cache(maxsize=8)
-def load_generator(path: str):
-    """A trained generator from its directory (config.json + safetensors; never a pickle)."""
+@dataclass(frozen=True)
+class LoadedGenerator:
+    """A trained generator in memory, with where it came from (for the manifest)."""
+    path: Path
+    model: torch.nn.Module
+    info: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def open_generator(path: str | Path) -> LoadedGenerator:
+    """Load a trained generator from its directory (config.json + safetensors; never a pickle).
+
+    Uncached: a server that evicts it (``@serve.multiplexed``) gets the memory back."""
     _load_all()
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
     classes = {GENERATORS.get(n).__name__: GENERATORS.get(n) for n in GENERATORS.names()}
     cls = classes.get(cfg.get("_class_name"))
     if cls is None:
         raise NoGeneratorError(f"{path}: unknown generator class {cfg.get('_class_name')!r}")
-    return cls.from_pretrained(str(path)).eval()
+    return LoadedGenerator(path, cls.from_pretrained(str(path)).eval(), generator_info(path))
+
+
+@lru_cache(maxsize=8)
+def load_generator(path: str) -> LoadedGenerator:
+    """``open_generator`` behind a small cache, for the CLI and the eval harness."""
+    return open_generator(path)
 
 
 def generator_info(path: Path) -> dict:
@@ -103,7 +123,7 @@ def refine(arch, k, shape, sd, x, y, steps: int, lr: float = 1e-2) -> dict[str, 
     return {k_: v.detach().contiguous() for k_, v in model.state_dict().items()}
 
 
-def sample(arch: str, dataset: str | TaskData, generator: str | None = None, n: int = 8, select: str = "best",
+def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator | None = None, n: int = 8, select: str = "best",
            seed: int = 0, instruction: str | None = None, refine_steps: int = 0, novelty: bool = True) -> SampleResult:
     """Generate weights of ``arch`` for ``dataset``; see the module docstring for what is and is not done."""
     t0 = time.time()
@@ -114,8 +134,9 @@ def sample(arch: str, dataset: str | TaskData, generator: str | None = None, n: 
         raise ValueError(f"n must be >= 1, got {n}")
     if select not in ("best", "none"):
         raise ValueError(f"select must be 'best' or 'none', got {select!r}")
-    gdir = find_generator(arch, task.input_shape, generator)
-    gen = load_generator(str(gdir))
+    loaded = generator if isinstance(generator, LoadedGenerator) else \
+        load_generator(str(find_generator(arch, task.input_shape, generator)))
+    gen, info = loaded.model, loaded.info
     k, shape = task.num_classes, task.input_shape
     per_class = int(getattr(gen.config, "support_per_class", 10))
     sx, sy = task.support(per_class=per_class, seed=seed)  # only read: conditioning and selection
@@ -132,7 +153,6 @@ def sample(arch: str, dataset: str | TaskData, generator: str | None = None, n: 
     rest[task.support_indices(per_class, seed)] = False
     one = {name: v[None] for name, v in sd.items()}
     predicted = float(accuracy_many(arch, k, shape, one, task.x_train[rest], task.y_train[rest])) if rest.any() else None
-    info = generator_info(gdir)
     manifest = {
         "weightgen_version": __version__, "generator": info["name"], "generator_class": info["class"],
         "zoo_snapshot": info["zoo_snapshot"], "arch": arch, "dataset": task.name, "dataset_fingerprint": task.fingerprint(),
@@ -180,4 +200,5 @@ def load_model(path: str | Path, device=None) -> torch.nn.Module:
     return model.eval()
 
 
-__all__ = ["sample", "write", "load_model", "find_generator", "load_generator", "NoGeneratorError"]
+__all__ = ["sample", "write", "load_model", "find_generator", "load_generator", "open_generator",
+           "LoadedGenerator", "NoGeneratorError"]

@@ -56,22 +56,63 @@ def task_from_arrays(name: str, x, y, x_test=None, y_test=None, source: str = ""
     return TaskData(name, t(x), t(y), t(x_test), t(y_test), k, [str(i) for i in range(k)], source or name)
 
 
+def task_from_npz(name: str, file, max_bytes: int | None = None, source: str = "") -> TaskData:
+    """A task from an .npz (a path or a binary file object): arrays ``x`` float (N, ...) in
+    model-input space and ``y`` int labels 0..K-1, optional ``x_test``/``y_test``.
+
+    Loaded with ``allow_pickle=False`` (an npz never runs code). ``max_bytes`` caps the arrays'
+    *uncompressed* size, read from the zip directory before anything is inflated, so a small
+    compressed upload cannot expand into gigabytes."""
+    import zipfile
+
+    try:
+        if max_bytes is not None:
+            with zipfile.ZipFile(file) as z:
+                total = sum(i.file_size for i in z.infolist())
+            if total > max_bytes:
+                raise DatasetError(f"{name}: arrays are {total} bytes uncompressed, over the {max_bytes}-byte limit")
+            if hasattr(file, "seek"):
+                file.seek(0)
+        with np.load(file, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except DatasetError:
+        raise
+    except Exception as e:  # zipfile/format errors, object arrays refused
+        raise DatasetError(f"{name} is not a readable .npz of numeric arrays: {e}") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DatasetError(f"{name}: missing arrays {missing}; found {sorted(arrays)} (need x, y; optional x_test, y_test)")
+    return task_from_arrays(name, arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"), source=source)
+
+
+def npz_feature_shape(file) -> tuple[int, ...]:
+    """The per-example shape of ``x`` in an .npz, read from its header alone (nothing inflated
+    past the header): what a server needs to pick a generator before it parses the upload."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as z, z.open("x.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
+    except KeyError:
+        raise DatasetError("the .npz has no array 'x' (need x, y; optional x_test, y_test)") from None
+    except Exception as e:  # noqa: BLE001 - not a zip, not an .npy header
+        raise DatasetError(f"not a readable .npz of numeric arrays: {e}") from None
+    finally:
+        if hasattr(file, "seek"):
+            file.seek(0)
+    if len(shape) < 2:
+        raise DatasetError(f"x must have shape (N, ...features), got {shape}")
+    return tuple(shape[1:])
+
+
 @register_dataset("npz")
 def load_npz(args: str) -> TaskData:
-    """``npz:PATH``: arrays ``x`` float (N, ...) in model-input space and ``y`` int labels 0..K-1,
-    optional ``x_test``/``y_test``. Loaded with ``allow_pickle=False``: an npz never runs code."""
+    """``npz:PATH``: see ``task_from_npz`` for the arrays it holds."""
     if not args:
         raise DatasetError("npz dataset needs a path: npz:PATH")
     path = Path(args).expanduser()
     if not path.is_file():
         raise DatasetError(f"npz dataset file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # zipfile/format errors, object arrays refused
-        raise DatasetError(f"{path} is not a readable .npz of numeric arrays: {e}") from None
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise DatasetError(f"{path}: missing arrays {missing}; found {sorted(arrays)} (need x, y; optional x_test, y_test)")
-    return task_from_arrays(f"npz:{args}", arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"),
-                            source=str(path))
+    return task_from_npz(f"npz:{args}", path, source=str(path))

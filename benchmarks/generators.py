@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -22,10 +23,13 @@ from pathlib import Path
 # Run as a script, this file's folder is sys.path[0] and "zoo" would import benchmarks/zoo.py, not the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+
 import torch
 
 from weightgen.harness import EvalConfig, format_tables, run_eval, write_report
 from weightgen.paths import home
+
+update_section = runpy.run_path(str(Path(__file__).resolve().parent / "results_md.py"))["update_section"]
 
 SECTION = "## Generators (issue: D2NWG)"
 
@@ -77,16 +81,6 @@ def section(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n" + re.sub(r"^### ", "#### ", format_tables(res), flags=re.M) + "\n"
 
 
-def update_results(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section; every other section is kept byte for byte."""
-    old = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    tmp = path.with_suffix(".md.partial")
-    tmp.write_text(new)
-    tmp.replace(path)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 + 3 tasks, for a smoke run")
@@ -96,7 +90,7 @@ def main(argv=None) -> None:
     res = run_eval(EvalConfig(quick=a.quick, verbose=True))
     write_report(res, a.out or home() / "eval")
     text = section(res, "python benchmarks/generators.py" + (" --quick" if a.quick else ""))
-    update_results(Path(a.results), text)
+    update_section(Path(a.results), SECTION, text)
     print(text)
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,8 @@ MAX_BODY_BYTES = 8 << 20  # JSON bodies
 MAX_UPLOAD_BYTES = 64 << 20  # multipart .npz uploads
 UPLOAD_EXPANSION = 4  # an upload's arrays may inflate to this many times the upload limit
 REQUEST_TIMEOUT_S = 60.0
+MAX_MODELS_PER_REPLICA = 4  # generators a replica keeps loaded (LRU)
+RESOLVE_TTL_S = 5.0  # how long the ingress trusts a generator choice (new generators show up after this)
 BLOCKED_DATASET_KINDS = ("npz", "folder")  # they read server-side paths
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError,
                 DeploymentUnavailableError, ReplicaUnavailableError)
@@ -50,7 +53,7 @@ class SupportSet(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     arch: str
-    dataset: str | None = Field(None, description="registry name, e.g. digits:classes=0,1,2,3,4")
+    dataset: str | None = Field(None, min_length=1, max_length=2000, description="registry name, e.g. digits:classes=0,1,2,3,4")
     support: SupportSet | None = None
     instruction: str | None = Field(None, max_length=2000)
     generator: str | None = Field(None, max_length=200)
@@ -107,19 +110,30 @@ def _classify(exc: Exception) -> dict:
     raise exc
 
 
-@serve.deployment(max_ongoing_requests=16)
+# Requests wait in the replica's own batch queue (FIFO) rather than in the router, which backs off
+# with sleeps when every replica is full.
+@serve.deployment(max_ongoing_requests=64)
 class GeneratorDeployment:
-    def __init__(self, home: str | None = None, torch_threads: int | None = None):
+    async def __init__(self, home: str | None = None, torch_threads: int | None = None, preload: bool = True):
         if home:  # replicas do not see the driver's later env changes: the home comes in as an argument
             os.environ["WEIGHTGEN_HOME"] = str(home)
+        import weightgen  # noqa: F401 - first: it sets the OpenMP wait policy before torch starts its threads
         import torch
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
+        if preload:
+            # The multiplexer routes a generator's requests to replicas that hold it; preloading the
+            # default ones on every replica spreads load from the first request on, instead of
+            # piling onto the one replica that happened to load it first.
+            from weightgen.sampling import default_generators
+
+            for d in default_generators()[:MAX_MODELS_PER_REPLICA]:
+                await self.get_generator(d.name)
 
     # ---------------------------------------------------------------- generation
 
-    @serve.multiplexed(max_num_models_per_replica=4)
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_generator(self, generator_id: str):
         from weightgen.sampling import find_generator, open_generator
 
@@ -153,7 +167,9 @@ class GeneratorDeployment:
         except Exception as e:  # noqa: BLE001 - _classify re-raises what it does not know
             return _classify(e)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # Batching is for throughput under concurrency, not for waiting: on CPU one generator call for
+    # 8 requests is no faster than 8 calls (benchmarks/RESULTS.md), so a lone request is not held.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def generate(self, reqs: list[dict]) -> list[dict]:
         out = []
         for req in reqs:
@@ -337,7 +353,9 @@ async def _parse_upload(request: Request, body: bytes) -> tuple[Any, str, bytes]
     return raw, name, npz
 
 
-@serve.deployment
+# I/O only: no cores of its own, and many requests in flight (Serve's default of 5 would make the
+# proxy queue and back off in front of an idle ingress: measured 3× lower throughput at 32 clients)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress(app)
 class Ingress:
     """HTTP only: limits, parsing, status codes, metrics. The work happens in GeneratorDeployment."""
@@ -347,6 +365,7 @@ class Ingress:
         self.gen = generator
         self.max_body_bytes, self.max_upload_bytes = int(max_body_bytes), int(max_upload_bytes)
         self.request_timeout_s = float(request_timeout_s)
+        self._resolved: dict[tuple, tuple[float, dict]] = {}
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -399,11 +418,29 @@ class Ingress:
         return Response(out["body"], media_type="application/octet-stream", headers=out["headers"])
 
     async def _generate(self, payload: dict) -> dict:
-        picked = await self.gen.resolve.remote(payload)
+        picked = await self._resolve(payload)
         if "error" in picked:
             return picked
         payload["generator"] = picked["generator"]
         return await self.gen.options(multiplexed_model_id=picked["generator"]).generate.remote(payload)
+
+    async def _resolve(self, payload: dict) -> dict:
+        """Which generator serves this request (the multiplexed id). The answer depends only on
+        the arch, the dataset name or input width and the generator name, so it is cached for a
+        few seconds: a repeated request costs one call to the generator deployment, not two."""
+        if payload.get("npz") is not None:
+            return await self.gen.resolve.remote(payload)
+        data = payload["dataset"] if payload["dataset"] is not None else f"support:{len(payload['support']['x'][0])}"
+        key, now = (payload["arch"], data, payload.get("generator")), time.monotonic()
+        hit = self._resolved.get(key)
+        if hit and now - hit[0] < RESOLVE_TTL_S:
+            return hit[1]
+        picked = await self.gen.resolve.remote(payload)
+        if "error" not in picked:
+            if len(self._resolved) > 4096:
+                self._resolved.clear()
+            self._resolved[key] = (now, picked)
+        return picked
 
     @app.get("/v1/archs")
     async def archs(self) -> list[dict]:
@@ -432,8 +469,12 @@ def build_app(args: dict) -> Application:
     """Entry point for ``serve run serving.app:build_app home=...`` and the YAML config.
 
     args: ``home`` (the WEIGHTGEN_HOME for replicas; default: theirs), ``torch_threads``,
-    ``max_body_bytes`` (JSON), ``max_upload_bytes`` (multipart .npz), ``request_timeout_s``."""
-    gen = GeneratorDeployment.bind(args.get("home"), args.get("torch_threads"))
+    ``max_body_bytes`` (JSON), ``max_upload_bytes`` (multipart .npz), ``request_timeout_s``,
+    ``generator_replicas`` (default 1; on CPU, one replica per core with ``torch_threads: 1``
+    beats one replica with many threads: see benchmarks/RESULTS.md)."""
+    threads = int(args.get("torch_threads") or 1)
+    gen = GeneratorDeployment.options(num_replicas=int(args.get("generator_replicas", 1)),
+                                      ray_actor_options={"num_cpus": threads}).bind(args.get("home"), threads)
     return Ingress.bind(gen, int(args.get("max_body_bytes", MAX_BODY_BYTES)),
                         int(args.get("max_upload_bytes", MAX_UPLOAD_BYTES)),
                         float(args.get("request_timeout_s", REQUEST_TIMEOUT_S)))

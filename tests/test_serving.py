@@ -123,6 +123,7 @@ SUPPORT_GAP = {"x": [[0.0] * 64] * 4, "y": [0, 2, 0, 2]}
 
 @pytest.mark.parametrize("case,kwargs,status", [
     ("unknown arch", {"json": {**OK, "arch": "nope"}}, 404),
+    ("empty dataset name", {"json": {**OK, "dataset": ""}}, 422),  # found by schemathesis: was a 500
     ("unknown generator", {"json": {**OK, "generator": "nope"}}, 404),
     ("generator as a path", {"json": {**OK, "generator": "/etc"}}, 404),
     ("unknown dataset kind", {"json": {**OK, "dataset": "nosuch:x"}}, 404),

@@ -9,6 +9,8 @@ ambiguous (shared/research/feasibility.md §3, pitfall 4).
 """
 from __future__ import annotations
 
+import os
+import weakref
 from functools import lru_cache
 
 import torch
@@ -46,33 +48,50 @@ def zoo_nn_distance(x: torch.Tensor, max_n: int = 500) -> float:
     return float(d.min(1).values.median())
 
 
+# generator -> {(zoo, snapshot, k, shape): prepared zoo}; dies with the generator (a server that
+# evicts a generator frees its prepared zoo too)
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepared_zoo(gen, info: dict, arch: str, k: int, shape) -> dict | None:
+    """The zoo side of novelty, done once per generator: aligned, standardized, flattened, and
+    its typical nearest-neighbour distance (alignment of ~1,000 models is the expensive part)."""
+    # $WEIGHTGEN_ZOO wins over the path recorded at training time: on a cluster the generator was
+    # trained elsewhere and the zoo is read by URL (ray_cluster.yaml)
+    key = (os.environ.get("WEIGHTGEN_ZOO") or info["zoo"], info.get("zoo_snapshot") or "", arch, k, tuple(shape))
+    per_gen = _PREPARED.setdefault(gen, {})
+    if key not in per_gen:
+        keys = list(gen.stats.stat_names)
+        ref = {n: v for n, v in gen.stats.align_ref().items()}
+        got = _zoo_reference(*key, tuple(keys), tuple(sorted(ref)))
+        if got is None:
+            per_gen[key] = None
+        else:
+            ids, zoo_sd = got
+            std = gen.stats.standardizer()
+            zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=ref or None)
+            zx = flat(zoo_al, keys, std)
+            per_gen[key] = {"ids": ids, "zoo_sd": zoo_sd, "zx": zx, "base": zoo_nn_distance(zx), "keys": keys,
+                            "ref": ref, "std": std}
+    return per_gen[key]
+
+
 def novelty_vs_zoo(gen, info: dict, arch: str, k: int, shape, sd: dict[str, torch.Tensor], task) -> dict | None:
     """Novelty of stacked samples ``sd`` (n=1 usually) against the generator's zoo."""
     if not info.get("zoo"):
         return None
-    keys = list(gen.stats.stat_names)
-    ref = {n: v for n, v in gen.stats.align_ref().items()}
     try:
-        got = _zoo_reference(info["zoo"], info.get("zoo_snapshot") or "", arch, k, tuple(shape), tuple(keys),
-                             tuple(sorted(ref)))
+        z = _prepared_zoo(gen, info, arch, k, shape)
     except Exception as e:  # a zoo that moved or is unreachable must not fail the sample
         return {"error": f"zoo unavailable for novelty: {e}"}
-    if got is None:
+    if z is None:
         return {"error": f"no {arch} checkpoints with {k} classes in the zoo to compare with"}
-    ids, zoo_sd = got
-    return novelty_scores(arch, k, shape, sd, ids, zoo_sd, keys, ref, gen.stats.standardizer(), task)
-
-
-def novelty_scores(arch, k, shape, sd, zoo_ids, zoo_sd, keys, ref, std, task=None) -> dict:
-    zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=ref or None)
-    s_al, _ = align({n: sd[n].float() for n in keys}, arch, ref=ref or None)
-    zx, sx = flat(zoo_al, keys, std), flat(s_al, keys, std)
-    d = torch.cdist(sx, zx)  # (n, Z)
+    s_al, _ = align({n: sd[n].float() for n in z["keys"]}, arch, ref=z["ref"] or None)
+    d = torch.cdist(flat(s_al, z["keys"], z["std"]), z["zx"])  # (n, Z)
     dmin, idx = d.min(1)
-    base = zoo_nn_distance(zx)
-    out = {"distance_to_nearest": float(dmin.mean()), "zoo_nn_distance": base, "ratio": float(dmin.mean()) / max(base, 1e-12),
-           "nearest_zoo_id": zoo_ids[int(idx[0])]}
+    out = {"distance_to_nearest": float(dmin.mean()), "zoo_nn_distance": z["base"],
+           "ratio": float(dmin.mean()) / max(z["base"], 1e-12), "nearest_zoo_id": z["ids"][int(idx[0])]}
     if task is not None and len(task.y_test):
-        near = {n: zoo_sd[n][idx] for n in keys}
+        near = {n: z["zoo_sd"][n][idx] for n in z["keys"]}
         out["nearest_zoo_accuracy"] = float(accuracy_many(arch, k, shape, near, task.x_test, task.y_test).mean())
     return out

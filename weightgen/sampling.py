@@ -57,8 +57,22 @@ def find_generator(arch: str, input_shape, name: str | None = None) -> Path:
             f"No trained generator for {arch} with input shape {tuple(input_shape)} in {generators_dir()} "
             f"(trained: {', '.join(seen) or 'none'}). Make one with `weightgen quickstart` (digits, mlp-s) or "
             f"`weightgen train --config training/configs/d2nwg_digits.yaml` on a zoo of {arch} checkpoints.")
+    return _preferred(fits)
+
+
+def _preferred(fits: list[Path]) -> Path:
     pref = [d for d in fits if json.loads((d / "config.json").read_text()).get("_class_name") == "D2NWG"]
     return (pref or fits)[0]
+
+
+def default_generators() -> list[Path]:
+    """For each (arch, input shape) with a trained generator, the one ``find_generator`` picks when
+    the request names none: what a server preloads."""
+    groups: dict[tuple, list[Path]] = {}
+    for d in _generator_dirs():
+        c = json.loads((d / "config.json").read_text())
+        groups.setdefault((c.get("arch"), tuple(c.get("input_shape", ()))), []).append(d)
+    return [_preferred(fits) for fits in groups.values()]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""ray_cluster.yaml and the Serve configs are real configs: checked against Ray's own schemas."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+
+
+def test_cluster_yaml_matches_ray_schema(cluster):
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(cluster, schema)
+    broken = {**cluster, "available_node_types": {**cluster["available_node_types"], "bad": {"resources": {"CPU": "many"}}}}
+    with pytest.raises(jsonschema.ValidationError):  # the check has teeth
+        jsonschema.validate(broken, schema)
+
+
+def test_cluster_yaml_passes_ray_validation_with_defaults(cluster):
+    """What `ray up` does before it touches a cloud: fill in the provider's defaults, validate."""
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    validate_config(fillout_defaults(cluster))
+
+
+def test_cluster_has_cpu_and_gpu_workers_and_installs_the_package(cluster):
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types
+    workers = {n: t for n, t in types.items() if n != cluster["head_node_type"]}
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in workers.values())
+    assert any("GPU" not in t["resources"] and t["resources"]["CPU"] > 0 for t in workers.values())
+    assert types[cluster["head_node_type"]]["resources"]["CPU"] == 0  # work goes to workers
+    # every node installs this repository, pinned by constraints.txt, and gets the generators
+    mount = {Path(k).name: v for k, v in cluster["file_mounts"].items()}
+    assert mount["weightgen"] == "."
+    for name, t in {**workers, "head": {"worker_setup_commands": cluster["head_setup_commands"]}}.items():
+        cmds = " ; ".join(t["worker_setup_commands"])
+        assert "-c constraints.txt -e ." in cmds and (ROOT / "constraints.txt").is_file(), name
+        assert "weightgen/generators" in cmds, name
+    assert any("WEIGHTGEN_ZOO=s3://" in c for c in cluster["setup_commands"])
+    # the commands in its header point at files that exist
+    for path in re.findall(r"serving/[\w.]+\.yaml", (ROOT / "ray_cluster.yaml").read_text()):
+        assert (ROOT / path).is_file(), path
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.cluster.yaml"])
+def test_serve_configs_match_ray_serve_schema(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import Ingress, GeneratorDeployment
+
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serving" / name).read_text()))
+    (app,) = cfg.applications
+    assert app.import_path == "serving.app:build_app"
+    assert {d.name for d in app.deployments} == {Ingress.name, GeneratorDeployment.name}

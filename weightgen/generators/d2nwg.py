@@ -340,10 +340,17 @@ class D2NWG(ModelMixin, ConfigMixin):
 
     def _denoise(self, z, layout, steps, g, cond, null, feats, known=None):
         """The DDIM loop (eta = 0: deterministic given the initial noise), with classifier-free
-        guidance and, optionally, known tokens held at their noised true values."""
+        guidance and, optionally, known tokens held at their noised true values.
+
+        No class features reads as zeros, exactly as training dropped them (``feat_proj``'s bias
+        included). The guidance halves run as two calls: one batch of 2n was measured 10 % slower
+        at n = 8 on CPU (15 % faster at n = 1)."""
         sched = DDIMScheduler.from_config(self.noise_scheduler.config)
         sched.set_timesteps(steps)
         n = z.shape[0]
+        if feats is None and self.denoiser.feat_proj is not None:
+            feats = z.new_zeros(n, cond[0].shape[1], self.denoiser.feat_proj.in_features)
+        no_feats = None if feats is None else torch.zeros_like(feats)
         for t in sched.timesteps:
             tt = t.expand(n).to(z.device)
             if known is not None:
@@ -351,7 +358,7 @@ class D2NWG(ModelMixin, ConfigMixin):
                 z = torch.where(mask[None, :, None], self.noise_scheduler.add_noise(z0, noise, tt), z)
             pred = self.denoiser(z, tt, *cond, layout, feats)
             if g != 1.0:
-                uncond = self.denoiser(z, tt, *null, layout, None)
+                uncond = self.denoiser(z, tt, *null, layout, no_feats)
                 pred = uncond + g * (pred - uncond)
             z = sched.step(pred, t, z).prev_sample
         if known is not None:

@@ -90,3 +90,20 @@ def test_clear_errors(use_tiny_home, tmp_path, capsys):
     rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "mnist", "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "No trained generator for mlp-s with input shape (1, 28, 28)" in err and "weightgen train" in err
     assert not (tmp_path / "x").exists(), "nothing written on error"
+
+
+def test_a_dropped_generator_is_freed(use_tiny_home):
+    """What a server's LRU (``@serve.multiplexed``) relies on: once it lets go of a generator,
+    nothing else (novelty's prepared zoo, caches) keeps the model alive."""
+    import gc
+    import weakref
+
+    from weightgen.sampling import find_generator, open_generator, sample
+
+    loaded = open_generator(find_generator("mlp-s", (64,), "d2nwg-tiny"))
+    r = sample("mlp-s", "digits:classes=0,1,2,3,4", generator=loaded, n=2)
+    assert r.manifest["generator"] == "d2nwg-tiny" and "ratio" in r.manifest["novelty"]
+    alive = weakref.ref(loaded.model)
+    del loaded
+    gc.collect()
+    assert alive() is None

@@ -1,6 +1,8 @@
 """Measuring weights: vectorized accuracy of many models of one architecture on one task."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -25,7 +27,7 @@ def logits_many(arch: str, num_classes: int, input_shape, sd: dict[str, torch.Te
                 chunk: int = 512) -> torch.Tensor:
     """(n, N, K) logits of n stacked models on x (N, *input_shape)."""
     spec = get_arch(arch)
-    base = spec.build(num_classes, input_shape, device="meta")
+    base = _template(arch, num_classes, tuple(input_shape))
     keys = [t.name for t in spec.tensors(num_classes, input_shape)]
     n = sd[keys[0]].shape[0]
     outs = []
@@ -42,6 +44,12 @@ def logits_many(arch: str, num_classes: int, input_shape, sd: dict[str, torch.Te
         model.load_state_dict({k: sd[k][i] for k in keys}, strict=True)
         outs.append(spec.logits(model, x)[None])
     return torch.cat(outs)
+
+
+@lru_cache(maxsize=64)
+def _template(arch: str, num_classes: int, input_shape: tuple) -> torch.nn.Module:
+    """A weightless (meta) module to run stacked parameters through; never mutated, so shared."""
+    return get_arch(arch).build(num_classes, input_shape, device="meta")
 
 
 class _Bound(torch.nn.Module):

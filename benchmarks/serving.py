@@ -23,7 +23,6 @@ import os
 import platform
 import runpy
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path

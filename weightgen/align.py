@@ -69,7 +69,6 @@ def align(sd: dict[str, torch.Tensor], arch: str, ref: dict[str, torch.Tensor] |
     if chain is None or len(chain) < 2:
         return sd, ref if ref is not None else {k: v.mean(0) for k, v in sd.items()}
     sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
-    dtypes = {k: v.dtype for k, v in sd.items()}
     fixed_ref = ref is not None
     ref = {k: v.double() for k, v in ref.items()} if fixed_ref else {k: v[0] for k, v in sd.items()}
     out = sd

@@ -10,7 +10,7 @@ safetensors keys, and generated weights load in the source library unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 

@@ -18,8 +18,6 @@ same checkpoint, the earliest commit wins on read and the other row is unreferen
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ so bad input is always a 4xx. Replicas and resources live in ``serve_config.yaml
 import asyncio
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -129,7 +130,10 @@ class GeneratorDeployment:
             from weightgen.sampling import default_generators
 
             for d in default_generators()[:MAX_MODELS_PER_REPLICA]:
-                await self.get_generator(d.name)
+                try:
+                    await self.get_generator(d.name)
+                except Exception as e:  # noqa: BLE001 - a broken generator must not keep the replica down
+                    logging.getLogger("ray.serve").warning("not preloading generator %s: %s", d.name, e)
 
     # ---------------------------------------------------------------- generation
 

@@ -88,6 +88,9 @@ def test_clear_errors(use_tiny_home, tmp_path, capsys):
     assert rc == 2 and "needs image input" in err
     rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "mnist", "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "No trained generator for mlp-s with input shape (1, 28, 28)" in err and "weightgen train" in err
+    rc, _, err = _run(["sample", "--arch", "mlp-m", "--dataset", "digits", "--generator", "d2nwg-tiny",
+                       "--out", str(tmp_path / "x")], capsys)  # a named generator for another arch
+    assert rc == 2 and "'d2nwg-tiny' makes mlp-s" in err and "not mlp-m" in err
     assert not (tmp_path / "x").exists(), "nothing written on error"
 
 

@@ -39,12 +39,12 @@ def find_generator(arch: str, input_shape, name: str | None = None) -> Path:
     dirs = _generator_dirs()
     if name:
         p = Path(name)
-        if (p / "config.json").is_file():
-            return p
-        hits = [d for d in dirs if d.name == name]
+        hits = [p] if (p / "config.json").is_file() else [d for d in dirs if d.name == name]
         if not hits:
             raise NoGeneratorError(f"No trained generator named {name!r} in {generators_dir()}. "
                                    f"Available: {', '.join(d.name for d in dirs) or 'none'}")
+        if arch:
+            check_fits(generator_info(hits[0]), arch, input_shape)
         return hits[0]
     fits, seen = [], []
     for d in dirs:
@@ -58,6 +58,15 @@ def find_generator(arch: str, input_shape, name: str | None = None) -> Path:
             f"(trained: {', '.join(seen) or 'none'}). Make one with `weightgen quickstart` (digits, mlp-s) or "
             f"`weightgen train --config training/configs/d2nwg_digits.yaml` on a zoo of {arch} checkpoints.")
     return _preferred(fits)
+
+
+def check_fits(info: dict, arch: str, input_shape) -> None:
+    """A generator makes one arch for one input shape; asking it for another is the caller's mistake."""
+    made = (info.get("arch"), tuple(info.get("input_shape") or ()))
+    if made != (arch, tuple(input_shape)):
+        raise NoGeneratorError(f"Generator {info.get('name')!r} makes {made[0]} for input shape {made[1]}, "
+                               f"not {arch} for input shape {tuple(input_shape)}; name another generator or "
+                               f"leave it out to pick one that fits.")
 
 
 def _preferred(fits: list[Path]) -> Path:
@@ -148,8 +157,11 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         raise ValueError(f"n must be >= 1, got {n}")
     if select not in ("best", "none"):
         raise ValueError(f"select must be 'best' or 'none', got {select!r}")
-    loaded = generator if isinstance(generator, LoadedGenerator) else \
-        load_generator(str(find_generator(arch, task.input_shape, generator)))
+    if isinstance(generator, LoadedGenerator):
+        loaded = generator
+        check_fits(loaded.info, arch, task.input_shape)
+    else:
+        loaded = load_generator(str(find_generator(arch, task.input_shape, generator)))
     gen, info = loaded.model, loaded.info
     k, shape = task.num_classes, task.input_shape
     per_class = int(getattr(gen.config, "support_per_class", 10))

@@ -49,6 +49,7 @@ def test_cluster_has_cpu_and_gpu_workers_and_installs_the_package(cluster):
         assert "-c constraints.txt -e ." in cmds and (ROOT / "constraints.txt").is_file(), name
         assert "weightgen/generators" in cmds, name
     assert any("WEIGHTGEN_ZOO=s3://" in c for c in cluster["setup_commands"])
+    assert any("serve deploy serving/serve_config.cluster.yaml" in c for c in cluster["head_start_ray_commands"])
     # the commands in its header point at files that exist
     for path in re.findall(r"serving/[\w.]+\.yaml", (ROOT / "ray_cluster.yaml").read_text()):
         assert (ROOT / path).is_file(), path

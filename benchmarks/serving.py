@@ -196,7 +196,7 @@ def main(argv=None) -> None:
     flat = all(g <= 10 for g in late.values())
     lines.append(f"- memory flat over {mem_ok} requests (no process grows > 10 MiB over the second half): "
                  f"{'PASS' if flat else 'FAIL'} (" + ", ".join(f"{k} {g:+.0f} MiB" for k, g in late.items()) + ")")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n"
     update_section(Path(a.results), SECTION, text)
     print(text)
 

@@ -36,11 +36,13 @@ from serving import metrics
 MAX_N = 32
 MAX_BODY_BYTES = 8 << 20  # JSON bodies
 MAX_UPLOAD_BYTES = 64 << 20  # multipart .npz uploads
+MAX_CONCURRENT_UPLOADS = 4  # per ingress replica: bounds the memory that uploads hold (503 past it)
 UPLOAD_EXPANSION = 4  # an upload's arrays may inflate to this many times the upload limit
 REQUEST_TIMEOUT_S = 60.0
 MAX_MODELS_PER_REPLICA = 4  # generators a replica keeps loaded (LRU)
 RESOLVE_TTL_S = 5.0  # how long the ingress trusts a generator choice (new generators show up after this)
 BLOCKED_DATASET_KINDS = ("npz", "folder")  # they read server-side paths
+BLOCKED_DATASET_ARGS = ("download", "dir")  # fetch from the internet / read a server-side directory
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError,
                 DeploymentUnavailableError, ReplicaUnavailableError)
 
@@ -101,9 +103,11 @@ def _classify(exc: Exception) -> dict:
     from weightgen.archs import ShapeError
     from weightgen.data import DatasetError
     from weightgen.registry import UnknownNameError
-    from weightgen.sampling import NoGeneratorError
+    from weightgen.sampling import GeneratorMismatchError, NoGeneratorError
     from zoo.store import ZooError
 
+    if isinstance(exc, GeneratorMismatchError):
+        return _err(422, str(exc))
     if isinstance(exc, (NoGeneratorError, UnknownNameError, ZooError)):
         return _err(404, str(exc))
     if isinstance(exc, (DatasetError, ShapeError, ValueError)):
@@ -141,7 +145,8 @@ class GeneratorDeployment:
     async def get_generator(self, generator_id: str):
         from weightgen.sampling import find_generator, open_generator
 
-        return open_generator(find_generator("", (), generator_id))  # uncached: eviction frees it
+        # uncached (eviction frees it), and off the event loop (a load must not stall other requests)
+        return await asyncio.to_thread(open_generator, find_generator("", (), generator_id))
 
     def resolve(self, req: dict) -> dict:
         """Check arch/dataset/generator names and pick the generator (its name is the multiplexed id)."""
@@ -161,9 +166,11 @@ class GeneratorDeployment:
                 shape = npz_feature_shape(io.BytesIO(req["npz"]))
             elif req.get("dataset"):
                 kind, args = split_name(req["dataset"])
-                if kind in BLOCKED_DATASET_KINDS or "download" in args:
-                    return _err(422, f"dataset {req['dataset']!r}: {kind}: and download are not served over HTTP; "
-                                     f"send the examples inline as 'support'")
+                keys = {part.partition("=")[0].strip() for part in args.split(";")}
+                if kind in BLOCKED_DATASET_KINDS or keys & set(BLOCKED_DATASET_ARGS):
+                    return _err(422, f"dataset {req['dataset']!r}: {', '.join(BLOCKED_DATASET_KINDS)} datasets and the "
+                                     f"{', '.join(BLOCKED_DATASET_ARGS)} arguments are not served over HTTP; send the "
+                                     f"examples inline as 'support' or upload an .npz")
                 shape = dataset_shape(req["dataset"])[1]
             else:
                 shape = (len(req["support"]["x"][0]),)
@@ -179,6 +186,9 @@ class GeneratorDeployment:
     async def generate(self, reqs: list[dict]) -> list[dict]:
         out = []
         for req in reqs:
+            if time.time() > req.get("deadline", float("inf")):  # its client got a 408 already: skip the work
+                out.append(_err(408, "request timed out before it was sampled"))
+                continue
             try:
                 loaded = await self.get_generator(req["generator"])  # load (or LRU-hit) through the multiplexer
                 out.append(await asyncio.to_thread(self._generate_one, loaded, req, len(reqs)))
@@ -200,8 +210,6 @@ class GeneratorDeployment:
                                     max_bytes=req["max_array_bytes"], source="request")
         elif req.get("support"):
             x, y = np.asarray(req["support"]["x"], dtype=np.float64), np.asarray(req["support"]["y"])
-            if not np.all(np.isfinite(x)):
-                return _err(422, "support.x contains NaN or Inf")
             dataset = task_from_arrays("inline", x, y, source="request")
         else:
             dataset = req["dataset"]
@@ -354,7 +362,7 @@ async def _parse_upload(request: Request, body: bytes) -> tuple[Any, str, bytes]
         return _error(422, f"malformed multipart body: {e.detail}")
     try:
         raw = json.loads(meta)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         return _error(422, f"malformed JSON in the 'request' part: {e}")
     return raw, name, npz
 
@@ -372,6 +380,7 @@ class Ingress:
         self.max_body_bytes, self.max_upload_bytes = int(max_body_bytes), int(max_upload_bytes)
         self.request_timeout_s = float(request_timeout_s)
         self._resolved: dict[tuple, tuple[float, dict]] = {}
+        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -388,6 +397,15 @@ class Ingress:
         """JSON ``GenerateRequest`` (a registry dataset or an inline support set), or multipart
         with a ``request`` JSON part and a ``data`` .npz file part for larger datasets."""
         upload = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+        if not upload:
+            return await self._generate_request(request, upload)
+        if self._uploads.locked():  # each upload holds up to ~3x its size here until it is answered
+            return JSONResponse({"error": f"{MAX_CONCURRENT_UPLOADS} uploads are being processed; retry"},
+                                status_code=503, headers={"Retry-After": "5"})
+        async with self._uploads:
+            return await self._generate_request(request, upload)
+
+    async def _generate_request(self, request: Request, upload: bool):
         body = await _read_capped(request, self.max_upload_bytes if upload else self.max_body_bytes)
         if isinstance(body, JSONResponse):
             return body
@@ -401,15 +419,17 @@ class Ingress:
         else:
             try:
                 raw = json.loads(body)  # NaN/Infinity literals parse; they are rejected below
-            except (ValueError, UnicodeDecodeError) as e:
-                return _error(422, f"malformed JSON: {e}")
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
+                return _error(422, f"malformed JSON: {str(e)[:200]}")
         req = _check_request(raw, upload)
         if isinstance(req, JSONResponse):
             return req
         timeout = min(req.timeout_s or self.request_timeout_s, self.request_timeout_s)
+        # the replica skips a request whose deadline has passed (Serve cancels only queued ones)
+        payload = {**req.model_dump(), **extra, "deadline": time.time() + timeout}
         try:
-            out = await asyncio.wait_for(self._generate({**req.model_dump(), **extra}), timeout)
-        except asyncio.TimeoutError:  # cancelling the wait cancels the replica's request too
+            out = await asyncio.wait_for(self._generate(payload), timeout)
+        except asyncio.TimeoutError:
             metrics.TIMEOUTS.inc()
             return _error(408, f"generation took longer than the {timeout:g} s timeout; retry, ask for a smaller n, "
                                f"or raise timeout_s (server limit {self.request_timeout_s:g} s)")

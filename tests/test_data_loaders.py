@@ -357,3 +357,16 @@ def test_folder_split_errors(tmp_path):
     save(tmp_path / "test" / "zebra" / "0.png")
     with pytest.raises(DatasetError, match=r"\['zebra'\] have no train images"):
         load_dataset(f"folder:{tmp_path}")
+
+
+def test_task_cache_is_bounded_by_bytes():
+    """A server asked for many class subsets keeps the most recent ones within a byte budget."""
+    from weightgen.data import _TaskCache, load_dataset
+
+    one = load_dataset("digits:classes=0,1")
+    size = sum(t.numel() * t.element_size() for t in (one.x_train, one.y_train, one.x_test, one.y_test))
+    cache = _TaskCache(max_bytes=int(2.5 * size))
+    for c in range(2, 6):  # four 2-class subsets of about the same size
+        cache.get(("digits", c), lambda c=c: load_dataset(f"digits:classes=0,{c}"))
+    assert list(cache.items) == [("digits", 4), ("digits", 5)] and cache.total <= 2.5 * size
+    assert cache.get(("digits", 5), lambda: 1 / 0).name == "digits:classes=0,5"  # a hit does not reload

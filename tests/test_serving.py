@@ -146,7 +146,11 @@ SUPPORT_GAP = {"x": [[0.0] * 64] * 4, "y": [0, 2, 0, 2]}
     ("bad select", {"json": {**OK, "select": "worst"}}, 422),
     ("no generator for the shape", {"json": {"arch": "mlp-s", "n": 1, "support": {"x": [[0.0] * 10] * 4, "y": [0, 1, 0, 1]}}}, 404),
     ("no generator for the arch", {"json": {**OK, "arch": "mlp-m"}}, 404),
-    ("named generator, other arch", {"json": {**OK, "arch": "mlp-m", "generator": "d2nwg-tiny"}}, 404),
+    ("named generator, other arch", {"json": {**OK, "arch": "mlp-m", "generator": "d2nwg-tiny"}}, 422),
+    ("server-side directory", {"json": {**OK, "dataset": "mnist:dir=/etc"}}, 422),
+    ("download over HTTP", {"json": {**OK, "dataset": "cifar10:download=1"}}, 422),
+    ("deeply nested JSON", {"content": b"[" * 100_000}, 422),
+    ("a huge label", {"json": {"arch": "mlp-s", "n": 1, "support": {"x": [[0.0] * 64] * 2, "y": [0, 2**62]}}}, 422),
     ("body over the limit", {"content": b" " * (MAX_BODY + 1), "headers": {"content-type": "application/json"}}, 413),
     ("chunked body over the limit", {"chunked": MAX_BODY + 1}, 413),
 ])

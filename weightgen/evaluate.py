@@ -1,7 +1,7 @@
 """Measuring weights: vectorized accuracy of many models of one architecture on one task."""
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -46,10 +46,20 @@ def logits_many(arch: str, num_classes: int, input_shape, sd: dict[str, torch.Te
     return torch.cat(outs)
 
 
-@lru_cache(maxsize=64)
+_TEMPLATES = threading.local()
+
+
 def _template(arch: str, num_classes: int, input_shape: tuple) -> torch.nn.Module:
-    """A weightless (meta) module to run stacked parameters through; never mutated, so shared."""
-    return get_arch(arch).build(num_classes, input_shape, device="meta")
+    """A weightless (meta) module to run stacked parameters through, built once per thread:
+    ``functional_call`` swaps parameters into it for the duration of a call, so threads (a Serve
+    replica samples for two generators at once) must not share one."""
+    cache = _TEMPLATES.__dict__.setdefault("modules", {})
+    key = (arch, num_classes, input_shape)
+    if key not in cache:
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = get_arch(arch).build(num_classes, input_shape, device="meta")
+    return cache[key]
 
 
 class _Bound(torch.nn.Module):

@@ -10,8 +10,8 @@ ambiguous (shared/research/feasibility.md §3, pitfall 4).
 from __future__ import annotations
 
 import os
+import time
 import weakref
-from functools import lru_cache
 
 import torch
 
@@ -20,6 +20,7 @@ from weightgen.evaluate import accuracy_many
 from weightgen.tokenize import Standardizer
 
 MAX_ZOO = 3000
+MISS_TTL_S = 60.0  # how long "no comparable checkpoints in the zoo" is trusted
 
 
 def flat(sd: dict[str, torch.Tensor], keys: list[str], std: Standardizer) -> torch.Tensor:
@@ -27,8 +28,8 @@ def flat(sd: dict[str, torch.Tensor], keys: list[str], std: Standardizer) -> tor
     return torch.cat([z[k].flatten(1) for k in keys], 1)
 
 
-@lru_cache(maxsize=4)
-def _zoo_reference(zoo_url: str, snapshot: str, arch: str, k: int, shape: tuple, keys: tuple, ref_key: tuple):
+def _zoo_reference(zoo_url: str, arch: str, k: int, shape: tuple, keys: tuple):
+    """(ids, stacked tensors) of the zoo's checkpoints of this arch, class count and input shape."""
     from zoo import open_zoo
 
     z = open_zoo(zoo_url, mode="r")
@@ -58,27 +59,33 @@ def _prepared_zoo(gen, info: dict, arch: str, k: int, shape) -> dict | None:
     its typical nearest-neighbour distance (alignment of ~1,000 models is the expensive part)."""
     # $WEIGHTGEN_ZOO wins over the path recorded at training time: on a cluster the generator was
     # trained elsewhere and the zoo is read by URL (ray_cluster.yaml)
-    key = (os.environ.get("WEIGHTGEN_ZOO") or info["zoo"], info.get("zoo_snapshot") or "", arch, k, tuple(shape))
+    key = (_zoo_url(info), info.get("zoo_snapshot") or "", arch, k, tuple(shape))
     per_gen = _PREPARED.setdefault(gen, {})
-    if key not in per_gen:
-        keys = list(gen.stats.stat_names)
-        ref = {n: v for n, v in gen.stats.align_ref().items()}
-        got = _zoo_reference(*key, tuple(keys), tuple(sorted(ref)))
-        if got is None:
-            per_gen[key] = None
-        else:
-            ids, zoo_sd = got
-            std = gen.stats.standardizer()
-            zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=ref or None)
-            zx = flat(zoo_al, keys, std)
-            per_gen[key] = {"ids": ids, "zoo_sd": zoo_sd, "zx": zx, "base": zoo_nn_distance(zx), "keys": keys,
-                            "ref": ref, "std": std}
+    hit = per_gen.get(key)
+    if hit is not None and (hit["zx"] is not None or time.monotonic() - hit["at"] < MISS_TTL_S):
+        return hit if hit["zx"] is not None else None
+    keys = list(gen.stats.stat_names)
+    ref = {n: v for n, v in gen.stats.align_ref().items()}
+    got = _zoo_reference(key[0], arch, k, tuple(shape), tuple(keys))
+    if got is None:  # remembered briefly: checkpoints with k classes may be added to the zoo later
+        per_gen[key] = {"zx": None, "at": time.monotonic()}
+        return None
+    ids, zoo_sd = got
+    std = gen.stats.standardizer()
+    zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=ref or None)
+    zx = flat(zoo_al, keys, std)
+    per_gen[key] = {"ids": ids, "zoo_sd": zoo_sd, "zx": zx, "base": zoo_nn_distance(zx), "keys": keys,
+                    "ref": ref, "std": std}
     return per_gen[key]
+
+
+def _zoo_url(info: dict) -> str | None:
+    return os.environ.get("WEIGHTGEN_ZOO") or info.get("zoo")
 
 
 def novelty_vs_zoo(gen, info: dict, arch: str, k: int, shape, sd: dict[str, torch.Tensor], task) -> dict | None:
     """Novelty of stacked samples ``sd`` (n=1 usually) against the generator's zoo."""
-    if not info.get("zoo"):
+    if not _zoo_url(info):
         return None
     try:
         z = _prepared_zoo(gen, info, arch, k, shape)

@@ -29,6 +29,10 @@ class NoGeneratorError(LookupError):
     """No trained generator fits the request; the message says how to make one."""
 
 
+class GeneratorMismatchError(NoGeneratorError, ValueError):
+    """The generator asked for exists but makes another arch or input shape (a bad request)."""
+
+
 def _generator_dirs() -> list[Path]:
     root = generators_dir()
     return sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
@@ -64,7 +68,7 @@ def check_fits(info: dict, arch: str, input_shape) -> None:
     """A generator makes one arch for one input shape; asking it for another is the caller's mistake."""
     made = (info.get("arch"), tuple(info.get("input_shape") or ()))
     if made != (arch, tuple(input_shape)):
-        raise NoGeneratorError(f"Generator {info.get('name')!r} makes {made[0]} for input shape {made[1]}, "
+        raise GeneratorMismatchError(f"Generator {info.get('name')!r} makes {made[0]} for input shape {made[1]}, "
                                f"not {arch} for input shape {tuple(input_shape)}; name another generator or "
                                f"leave it out to pick one that fits.")
 
@@ -227,4 +231,5 @@ def load_model(path: str | Path, device=None) -> torch.nn.Module:
 
 
 __all__ = ["sample", "write", "load_model", "find_generator", "load_generator", "open_generator",
-           "LoadedGenerator", "NoGeneratorError"]
+           "LoadedGenerator", "NoGeneratorError",
+           "GeneratorMismatchError"]

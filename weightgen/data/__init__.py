@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -88,13 +89,39 @@ def load_dataset(name: str) -> TaskData:
     loader = DATASETS.get(kind)
     if kind in ("npz", "folder") or "download" in args:  # files can change between calls: don't cache
         return loader(args)
-    return _cached(name, str(data_dir()))
+    return _CACHE.get((name, str(data_dir())), lambda: loader(args))  # keyed on the data dir too
 
 
-@lru_cache(maxsize=256)
-def _cached(name: str, _data_dir: str) -> TaskData:  # keyed on the data dir too: moving it means new data
-    kind, args = split_name(name)
-    return DATASETS.get(kind)(args)
+class _TaskCache:
+    """Loaded tasks, least recently used first out, bounded by their tensors' bytes (a server
+    asked for many class subsets of a big dataset must not keep a copy of each); thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.total, self.items, self.lock = max_bytes, 0, OrderedDict(), threading.Lock()
+
+    def get(self, key, load: Callable[[], "TaskData"]) -> "TaskData":
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key][0]
+        task = load()  # outside the lock: loads can be slow; two threads may load the same key once each
+        size = sum(t.numel() * t.element_size() for t in (task.x_train, task.y_train, task.x_test, task.y_test))
+        with self.lock:
+            if key not in self.items:
+                self.items[key] = (task, size)
+                self.total += size
+            while len(self.items) > 1 and self.total > self.max_bytes:  # the newest always stays
+                _, (_, old) = self.items.popitem(last=False)
+                self.total -= old
+        return task
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.total = 0
+
+
+_CACHE = _TaskCache(int(os.environ.get("WEIGHTGEN_DATASET_CACHE_BYTES", 1 << 30)))
 
 
 def parse_kv(args: str, allowed: set[str], dataset: str) -> dict[str, str]:

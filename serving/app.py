@@ -461,7 +461,8 @@ class Ingress:
         hit = self._resolved.get(key)
         if hit and now - hit[0] < RESOLVE_TTL_S:
             return hit[1]
-        picked = await self.gen.resolve.remote(payload)
+        slim = {**payload, "support": {"x": payload["support"]["x"][:1], "y": []}} if payload["support"] else payload
+        picked = await self.gen.resolve.remote(slim)  # resolve needs the width of one row, not the rows
         if "error" not in picked:
             if len(self._resolved) > 4096:
                 self._resolved.clear()

@@ -326,6 +326,34 @@ def test_openapi_fuzz_never_5xx(case, base_url):
     case.call_and_validate(base_url=base_url, checks=[not_a_server_error], timeout=120)
 
 
+# ---------------------------------------------------------------- more generators than a replica keeps loaded
+
+
+def test_more_generators_than_the_multiplexer_holds(client, tiny_home):
+    """A replica keeps 4 generators (LRU); a fifth evicts one, and asking for the evicted one
+    again reloads it and gives the same bytes as before."""
+    import shutil
+
+    from serving.app import MAX_MODELS_PER_REPLICA
+
+    gens = tiny_home / "generators"
+    names = [f"d2nwg-tiny-copy{i}" for i in range(MAX_MODELS_PER_REPLICA)]
+    try:
+        for name in names:
+            shutil.copytree(gens / "d2nwg-tiny", gens / name)
+        body = {**OK, "seed": 3}
+        first = client.post("/v1/generate", json={**body, "generator": "d2nwg-tiny"})
+        _check_weights(first)
+        for name in names:  # 1 + 4 distinct generators through a 4-slot LRU
+            r = client.post("/v1/generate", json={**body, "generator": name})
+            assert r.status_code == 200 and r.headers["x-weightgen-generator"] == name, r.text
+        again = client.post("/v1/generate", json={**body, "generator": "d2nwg-tiny"})
+        assert again.status_code == 200 and again.content == first.content
+    finally:
+        for name in names:
+            shutil.rmtree(gens / name, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- a replica dies under load (last: it restarts one)
 
 

@@ -69,3 +69,21 @@ def test_cli_and_module_entry_points_with_overrides(tiny_home, tmp_path, monkeyp
     assert (tmp_path / "g" / "config.json").exists()
     with pytest.raises(ValueError, match="Unknown training config keys"):
         train_main(["--config", "training/configs/d2nwg_tiny.yaml", "bogus=1"])
+
+
+def test_ema_warmup_does_not_keep_the_starting_weights():
+    """Plain EMA at 0.999 keeps 0.999^n of the weights it started from (37 % after 1,000 steps);
+    with warmup (decay min(0.999, (1 + n) / (10 + n))) the start is forgotten quickly."""
+    import torch
+
+    from training.train import ema_update
+
+    for warmup, expect in ((False, 0.999 ** 1000), (True, None)):
+        avg, update = [torch.zeros(1)], ema_update(0.999, warmup)
+        for n in range(1, 1001):  # AveragedModel counts the initial copy as update 0
+            update(avg, [torch.ones(1)], torch.tensor(n))
+        left = 1 - float(avg[0])  # share of the starting weights (0) still in the average
+        if expect is not None:
+            assert abs(left - expect) < 1e-4
+        else:
+            assert left < 1e-3

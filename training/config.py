@@ -28,6 +28,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (diffusers' default)
     seed: int = 0
     checkpoint_every: int = 1000
     log_every: int = 50

@@ -98,17 +98,25 @@ def test_generate_inline_support(client):
 
 
 def test_concurrent_requests_are_batched(base_url):
-    async def go():
+    """Concurrent requests share @serve.batch batches, and a request's bytes do not depend on
+    which batch served it. Batches form only when requests queue behind a running one (the
+    batch does not wait), so the burst is repeated until that happens."""
+    async def burst():
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as c:
-            bodies = [{"arch": "mlp-s", "dataset": DATASET, "n": 2, "seed": i % 4, "novelty": False} for i in range(8)]
+            bodies = [{"arch": "mlp-s", "dataset": DATASET, "n": 8, "seed": i % 4, "novelty": False} for i in range(16)]
             return await asyncio.gather(*(c.post("/v1/generate", json=b) for b in bodies))
 
-    rs = asyncio.run(go())
-    for r in rs:
-        _check_weights(r)
-    for i in range(4):  # same seed, same bytes, whichever batch served it
-        assert rs[i].headers["x-weightgen-sha256"] == rs[i + 4].headers["x-weightgen-sha256"]
-    assert max(int(r.headers["x-weightgen-batch-size"]) for r in rs) > 1
+    sizes = []
+    for _ in range(5):
+        rs = asyncio.run(burst())
+        for r in rs:
+            _check_weights(r)
+        for i in range(12):  # same seed, same bytes, whichever batch served it
+            assert rs[i].headers["x-weightgen-sha256"] == rs[i + 4].headers["x-weightgen-sha256"]
+        sizes = [int(r.headers["x-weightgen-batch-size"]) for r in rs]
+        if max(sizes) > 1:
+            break
+    assert max(sizes) > 1, sizes
 
 
 def _chunked(total: int):

@@ -123,3 +123,30 @@ def test_gc_removes_only_unreferenced_old_segments(tmp_path):
     assert z.gc(min_age_s=3600) == []  # may belong to a writer still at work: kept
     assert z.gc(min_age_s=0) == [f"mlp-s__k5__64/{young}"]
     assert len(z) == 1 and z.load(z.ids()[0])
+
+
+def _add_one_after(url: str, seed: int, barrier, results) -> None:
+    try:
+        barrier.wait()
+        Zoo(url).add([_ckpt(seed)])
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_writers_that_start_together_on_a_new_zoo(tmp_path):
+    """Ray ingestion tasks open the zoo at the same moment; the first to create it must not make
+    the others fail (zarr's mode "a" checks, then creates)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for trial in range(4):
+        url = str(tmp_path / f"zoo{trial}")
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_add_one_after, args=(url, 10 * trial + i, barrier, results)) for i in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert sorted(results.get(timeout=5) for _ in procs) == ["ok"] * 4
+        assert len(Zoo(url, mode="r").query()) == 4

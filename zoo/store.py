@@ -141,12 +141,19 @@ def validate_tensors(tensors: dict[str, torch.Tensor], arch: str, num_classes: i
 
 
 def _open_root(url: str, mode: str, storage_options: dict | None):
-    try:
-        if "://" in url and not url.startswith("file://"):
-            return zarr.open_group(url, mode=mode, storage_options=storage_options or {}, use_consolidated=False)
-        return zarr.open_group(url.removeprefix("file://"), mode=mode, use_consolidated=False)
-    except FileNotFoundError:
-        raise ZooError(f"No zoo at {url}: create one with `weightgen zoo ingest` or `weightgen zoo build`") from None
+    for attempt in range(3):
+        try:
+            if "://" in url and not url.startswith("file://"):
+                return zarr.open_group(url, mode=mode, storage_options=storage_options or {}, use_consolidated=False)
+            return zarr.open_group(url.removeprefix("file://"), mode=mode, use_consolidated=False)
+        except FileNotFoundError:
+            raise ZooError(f"No zoo at {url}: create one with `weightgen zoo ingest` or `weightgen zoo build`") from None
+        except ContainsGroupError:
+            # mode "a" on a new zoo checks, then creates: two writers starting together (Ray
+            # ingestion tasks) both see no zoo, one creates it and the other's create fails.
+            # The zoo exists now, so opening again succeeds.
+            if attempt == 2:
+                raise
 
 
 def _chunk_rows(n: int, row_bytes: int) -> int:

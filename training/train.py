@@ -61,6 +61,7 @@ def ema_update(decay: float, warmup: bool):
                 e.copy_(e * d + p * (1 - d))
     return update
 
+
 def recon_gate(model, data: ZooWeights, max_tasks: int = 10) -> dict:
     """Accuracy of VAE reconstructions vs the original weights on (held-out) zoo tasks' test splits."""
     if not hasattr(model, "reconstruct") or not len(data.ids):

@@ -19,7 +19,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.torch_threads:
         args["torch_threads"] = a.torch_threads
     args["request_timeout_s"] = a.request_timeout
-    args["generator_replicas"] = a.replicas or min(os.cpu_count() or 1, 4)
+    # each replica reserves --torch-threads CPUs; more than the machine has would never schedule
+    args["generator_replicas"] = a.replicas or max(1, min((os.cpu_count() or 1) // max(a.torch_threads, 1), 4))
+
     def _stop(signum, frame):  # SIGTERM (kill, docker stop) shuts down like Ctrl-C: no orphaned Ray processes
         raise KeyboardInterrupt
 
@@ -41,7 +43,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     s.add_argument("--replicas", type=int, default=0,
-                   help="generator replicas (default: one per core, up to 4; each uses --torch-threads cores)")
+                   help="generator replicas (default: cores / --torch-threads, up to 4)")
     s.add_argument("--torch-threads", type=int, default=1, help="torch threads per generator replica")
     s.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a generate request gets 408")
     s.set_defaults(fn=cmd_serve)

@@ -115,11 +115,6 @@ class _TaskCache:
                 self.total -= old
         return task
 
-    def clear(self) -> None:
-        with self.lock:
-            self.items.clear()
-            self.total = 0
-
 
 _CACHE = _TaskCache(int(os.environ.get("WEIGHTGEN_DATASET_CACHE_BYTES", 1 << 30)))
 

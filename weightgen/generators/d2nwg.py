@@ -375,12 +375,11 @@ class D2NWG(ModelMixin, ConfigMixin):
                 z = torch.where(mask[None, :, None], self.noise_scheduler.add_noise(z0, noise, tt), z)
             if joint:
                 pred, uncond = self.denoiser(torch.cat([z, z]), torch.cat([tt, tt]), *both, layout, both_feats).chunk(2)
-                pred = uncond + g * (pred - uncond)
             else:
                 pred = self.denoiser(z, tt, *cond, layout, feats)
-                if g != 1.0:
-                    uncond = self.denoiser(z, tt, *null, layout, no_feats)
-                    pred = uncond + g * (pred - uncond)
+                uncond = self.denoiser(z, tt, *null, layout, no_feats) if g != 1.0 else None
+            if uncond is not None:
+                pred = uncond + g * (pred - uncond)
             z = sched.step(pred, t, z).prev_sample
         if known is not None:
             z = torch.where(known[0][None, :, None], known[1], z)

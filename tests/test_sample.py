@@ -34,7 +34,8 @@ def test_sample_writes_loadable_weights_config_and_manifest(use_tiny_home, tmp_p
     model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
     loaded = weightgen.load_model(out)
     task = load_dataset("digits:classes=4,2,8,1,0")
-    sx, sy = task.support(per_class=5, seed=0)
+    assert manifest["support_per_class"] == 5, "the generator samples with the support size it was trained with"
+    sx, sy = task.support(per_class=manifest["support_per_class"], seed=0)
     acc = (weightgen.get_arch("mlp-s").logits(loaded, sx).argmax(-1) == sy).float().mean().item()
     assert abs(acc - manifest["support_accuracy"]) < 1e-6, "the manifest's support accuracy is measured"
 

@@ -93,7 +93,9 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                                min_test_acc=cfg.min_test_acc, max_checkpoints=cfg.max_checkpoints)
     train_data, gate_data = full.split(cfg.heldout_task_fraction, seed=cfg.seed) if cfg.heldout_task_fraction else (full, full._subset(torch.zeros(len(full.ids), dtype=torch.bool)))
     gen_name, preset_cfg = resolve_preset(cfg.generator)
-    model = get_generator_class(gen_name).from_zoo(train_data, **{**preset_cfg, **cfg.generator_overrides})
+    # the generator samples with the support size it was trained with (it is saved in its config)
+    model = get_generator_class(gen_name).from_zoo(
+        train_data, **{**preset_cfg, "support_per_class": cfg.support_per_class, **cfg.generator_overrides})
     stages = [(name, params, int(cfg.stages.get(name, 0))) for name, params in model.stages.items()]
     optimizers = [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) for _, params, _ in stages]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.warmup_steps, max(n, 1))) for o, (_, _, n) in zip(optimizers, stages)]

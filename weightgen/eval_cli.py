@@ -17,14 +17,14 @@ def cmd_eval(a) -> int:
 
 def add_eval_parser(subparsers) -> None:
     """Register ``weightgen eval`` on the console script's subparsers."""
-    from weightgen.archs import ARCHS
+    from weightgen.cli import arch_arg
 
     s = subparsers.add_parser("eval", help="evaluate trained generators against baselines on held-out tasks")
     s.add_argument("--quick", action="store_true", help="3 tasks per kind instead of 10 (a smoke run)")
     s.add_argument("--tasks", type=int, default=None, help="held-out tasks per kind (unseen class set / unseen order)")
     s.add_argument("--n", type=int, default=8, help="samples per method and task")
     s.add_argument("--out", default=None, help="output directory (default: $WEIGHTGEN_HOME/eval)")
-    s.add_argument("--arch", default="mlp-s", choices=ARCHS.names())
+    s.add_argument("--arch", default="mlp-s", type=arch_arg)
     s.add_argument("--zoo", default=None, help="zoo URL or directory (default: $WEIGHTGEN_ZOO or $WEIGHTGEN_HOME/zoo)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     s.add_argument("--no-shifted", action="store_true", help="skip the shifted-image variant")

@@ -152,12 +152,13 @@ class GeneratorDeployment:
         """Check arch/dataset/generator names and pick the generator (its name is the multiplexed id)."""
         from weightgen.archs import ARCHS
         from weightgen.data import dataset_shape, split_name
-        from weightgen.sampling import _generator_dirs, find_generator
+        from weightgen.generators import trained_generators
+        from weightgen.sampling import find_generator
 
         try:
             if req["arch"] not in ARCHS:
                 return _err(404, f"Unknown arch {req['arch']!r}. Available: {', '.join(ARCHS.names())}")
-            names = [d.name for d in _generator_dirs()]
+            names = [g.name for g in trained_generators()]
             if req.get("generator") and req["generator"] not in names:
                 return _err(404, f"Unknown generator {req['generator']!r}. Available: {', '.join(names) or 'none'}")
             if req.get("npz") is not None:
@@ -240,9 +241,9 @@ class GeneratorDeployment:
                  "image_input": ARCHS.get(n).image_input} for n in ARCHS.names()]
 
     def generators(self) -> list[dict]:
-        from weightgen.sampling import _generator_dirs, generator_info
+        from weightgen.generators import trained_generators
 
-        return [generator_info(d) for d in _generator_dirs()]
+        return [g.info() for g in trained_generators()]
 
     def zoo_query(self, arch: str | None, dataset: str | None, limit: int) -> dict:
         from zoo.store import open_zoo

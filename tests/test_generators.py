@@ -69,3 +69,63 @@ def test_d2nwg_is_class_order_equivariant_and_takes_any_class_count(zoo_data):
     assert torch.allclose(b["fcs.0.weight"], a["fcs.0.weight"], atol=1e-4)
     three = gen.sample(Condition(support[:3]), 2)
     assert three["fcs.1.weight"].shape == (2, 3, 32)
+
+
+def test_generic_layers_name_no_generator():
+    """Training, sampling, the harness and serving use the WeightGenerator interface and declared
+    capabilities only, so adding a generator is one file in weightgen/generators/."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [*root.glob("training/*.py"), *root.glob("serving/*.py"), root / "weightgen/sampling.py",
+             root / "weightgen/harness.py"]
+    classes = [GENERATORS.get(n).__name__ for n in GENERATORS.names()]
+    for f in files:
+        text = f.read_text()
+        for c in classes:
+            assert c not in text, f"{f.relative_to(root)} names the generator class {c}"
+
+
+def test_every_generator_declares_its_interface():
+    from weightgen.generators.base import Capabilities, WeightGenerator
+
+    for name in GENERATORS.names():
+        cls = GENERATORS.get(name)
+        assert issubclass(cls, WeightGenerator) and isinstance(cls.capabilities, Capabilities)
+        for method in ("from_zoo", "loss", "sample"):
+            assert getattr(cls, method) is not getattr(WeightGenerator, method), f"{name} must implement {method}"
+        if cls.capabilities.reconstruct:
+            assert callable(getattr(cls, "reconstruct", None)), f"{name} declares reconstruct but has none"
+
+
+def test_unknown_preset_and_class_count_are_clear():
+    from weightgen.generators import resolve_preset
+    from weightgen.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="Unknown generator preset 'd2nwg-xl'.*d2nwg-tiny"):
+        resolve_preset("d2nwg-xl")
+    hyper = get_generator_class("hypernet")(train_num_classes=5)
+    assert "exactly 5 classes" in hyper.unfit_reason("mlp-s", (64,), 3)
+    assert hyper.unfit_reason("mlp-s", (64,), 5) is None and "makes mlp-s" in hyper.unfit_reason("cnn-s", (64,), 5)
+
+
+def test_a_separate_package_adds_a_generator_by_entry_point(tmp_path, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import weightgen.generators as gens
+
+    (tmp_path / "mygen_plugin.py").write_text(
+        "from weightgen.generators import register_generator\n"
+        "from weightgen.generators.hypernet import HyperNet\n"
+        "@register_generator('mygen')\nclass MyGen(HyperNet):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(gens, "entry_points", lambda group: [
+        EntryPoint("mygen", "mygen_plugin", group), EntryPoint("broken", "no_such_module_xyz", group)])
+    monkeypatch.setattr(gens, "_loaded", False)
+    try:
+        with pytest.warns(UserWarning, match="'broken'.*failed to load"):
+            gens._load_all()
+        assert gens.get_generator_class("mygen").__name__ == "MyGen"
+        assert gens.class_by_name("MyGen") is gens.get_generator_class("mygen")
+    finally:
+        gens.GENERATORS._items.pop("mygen", None)

@@ -49,7 +49,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_home, tmp_path, m
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resume replays the same data, RNG and optimizer state"
     summary = json.loads((tmp_path / "cut" / "out" / "training_summary.json").read_text())
-    assert summary["vae_gate"] and 0 <= summary["vae_gate"]["ratio"] and "passed" in summary["vae_gate"]
+    assert summary["recon_gate"] and 0 <= summary["recon_gate"]["ratio"] and "passed" in summary["recon_gate"]
     assert not set(summary["training_tasks"]) & set(summary["gate_tasks"]), "gate tasks are held out of training"
     losses = [json.loads(line) for line in (tmp_path / "full" / "run" / "loss.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in losses} == {"vae", "diffusion"} and all(r["loss"] == r["loss"] for r in losses)
@@ -57,7 +57,17 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_home, tmp_path, m
 
 def test_strict_gate_stops_before_diffusion(tiny_home, tmp_path):
     cfg = _cfg(tiny_home, tmp_path, "strict", strict_gate=True, gate_min_recon_ratio=1.01)
-    with pytest.raises(RuntimeError, match="VAE gate"):
+    with pytest.raises(RuntimeError, match="vae gate"):
+        train(cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("stages, says", [({"vae": 3, "difusion": 3}, "unknown: difusion"),
+                                          ({"vae": 3}, "missing: diffusion")])
+def test_stage_names_must_match_the_generator(tiny_home, tmp_path, stages, says):
+    """A misspelled or forgotten stage used to train 0 steps without a word."""
+    cfg = _cfg(tiny_home, tmp_path, "stages")
+    cfg.stages = stages
+    with pytest.raises(ValueError, match=says):
         train(cfg, show_progress=False)
 
 

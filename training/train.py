@@ -3,12 +3,14 @@
     accelerate launch -m training.train --config training/configs/d2nwg_digits.yaml
     weightgen train --config training/configs/d2nwg_digits.yaml [--resume] [key=value ...]
 
-Stages run in the generator's order (D2NWG: VAE, then diffusion on the frozen VAE's latents).
-Device and precision come from accelerate only. ``save_state`` checkpoints every
-``checkpoint_every`` steps; ``--resume`` continues from the newest one (restoring the stage,
-step, optimizers, EMA and RNG). Between the VAE and the diffusion the autoencoder is gated on
-zoo tasks held out from training: its reconstructions must keep ``gate_min_recon_ratio`` of the
-original weights' accuracy (shared/research/feasibility.md §3: the diffusion cannot beat it).
+Stages run in the generator's order (its ``stages``; e.g. an autoencoder, then a prior over its
+latents); the config must give every stage a step count. Device and precision come from
+accelerate only. ``save_state`` checkpoints every ``checkpoint_every`` steps; ``--resume``
+continues from the newest one (restoring the stage, step, optimizers, EMA and RNG). A generator
+that can reconstruct weights is gated after its ``gate_after`` stage on zoo tasks held out from
+training: reconstructions must keep ``gate_min_recon_ratio`` of the original weights' accuracy
+(shared/research/feasibility.md §3: the prior cannot beat its autoencoder). The loop knows
+generators only through ``weightgen.generators.base.WeightGenerator``.
 """
 from __future__ import annotations
 
@@ -64,13 +66,13 @@ def ema_update(decay: float, warmup: bool):
 
 def recon_gate(model, data: ZooWeights, max_tasks: int = 10) -> dict:
     """Accuracy of VAE reconstructions vs the original weights on (held-out) zoo tasks' test splits."""
-    if not hasattr(model, "reconstruct") or not len(data.ids):
+    if not model.capabilities.reconstruct or not len(data.ids):
         return {}
     orig_acc, rec_acc = [], []
     for ti in sorted(set(data.task_index.tolist()))[:max_tasks]:
         rows = (data.task_index == ti).nonzero().flatten()
         task = load_dataset(data.tasks[ti])
-        support = data.support(rows, getattr(model.config, "support_per_class", 10), torch.Generator().manual_seed(0))
+        support = data.support(rows, model.support_per_class, torch.Generator().manual_seed(0))
         rec = model.reconstruct(data.tokens[rows], data.num_classes, support)
         rec_sd = decode_tokens(data.layout, rec, model.stats)
         orig_sd = {k: v[rows] for k, v in data.weights.items()}
@@ -96,7 +98,9 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     # the generator samples with the support size it was trained with (it is saved in its config)
     model = get_generator_class(gen_name).from_zoo(
         train_data, **{**preset_cfg, "support_per_class": cfg.support_per_class, **cfg.generator_overrides})
-    stages = [(name, params, int(cfg.stages.get(name, 0))) for name, params in model.stages.items()]
+    check_stages(cfg.stages, model.stages, gen_name)
+    stages = [(name, params, int(cfg.stages[name])) for name, params in model.stages.items()]
+    caps = model.capabilities
     optimizers = [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) for _, params, _ in stages]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.warmup_steps, max(n, 1))) for o, (_, _, n) in zip(optimizers, stages)]
     model, *optimizers = accelerator.prepare(model, *optimizers)
@@ -138,7 +142,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            if ema is not None and stage != "vae":
+            if ema is not None and (caps.ema_stages is None or stage in caps.ema_stages):
                 ema.update_parameters(raw)
             progress.step += 1
             bar.update(1)
@@ -151,23 +155,19 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
             if progress.step % cfg.checkpoint_every == 0 and progress.step < n_steps:
                 accelerator.save_state()
         bar.close()
-        if stage == "vae":
-            raw.eval()
-            rows = torch.randperm(len(train_data.ids), generator=torch.Generator().manual_seed(cfg.seed))[:2048]
-            support = train_data.support(rows, cfg.support_per_class, torch.Generator().manual_seed(cfg.seed))
-            raw.set_latent_scale(train_data.tokens[rows].to(accelerator.device), cfg.num_classes, support.to(accelerator.device))
+        raw.eval()
+        raw.on_stage_end(stage, train_data, seed=cfg.seed)
+        if stage == caps.gate_after:
             progress.gate = recon_gate(raw, gate_data) or None
             if progress.gate and accelerator.is_main_process:
                 passed = progress.gate["ratio"] >= cfg.gate_min_recon_ratio
                 progress.gate["passed"] = passed
-                msg = (f"VAE gate: reconstructions of held-out-task weights keep {progress.gate['ratio']:.3f} "
+                msg = (f"{stage} gate: reconstructions of held-out-task weights keep {progress.gate['ratio']:.3f} "
                        f"of accuracy ({progress.gate['recon_acc']:.3f} vs {progress.gate['orig_acc']:.3f}); "
                        f"need {cfg.gate_min_recon_ratio}")
                 print(("PASSED " if passed else "FAILED ") + msg)
                 if not passed and cfg.strict_gate:
-                    raise RuntimeError(msg + " — not training the diffusion (strict_gate)")
-            if ema is not None:
-                ema.n_averaged.zero_()  # EMA starts with the diffusion stage, on the frozen VAE
+                    raise RuntimeError(msg + " — not training the next stage (strict_gate)")
         progress.stage, progress.step = si + 1, 0
         accelerator.save_state()
     log.close()
@@ -176,13 +176,23 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                "zoo_snapshot": full.snapshot, "checkpoints": len(train_data.ids),
                "training_tasks": sorted({train_data.tasks[i] for i in train_data.task_index.tolist()}),
                "gate_tasks": sorted({gate_data.tasks[i] for i in gate_data.task_index.tolist()}),
-               "vae_gate": progress.gate, "config": cfg.to_dict()}
+               "recon_gate": progress.gate, "config": cfg.to_dict()}
     if accelerator.is_main_process:
         final = ema.module if ema is not None and ema.n_averaged.item() > 0 else raw
         final.save_pretrained(str(out_dir))
         (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return summary
+
+
+def check_stages(configured: dict, stages: dict, generator: str) -> None:
+    """Every configured stage exists and every stage has a step count (0 to skip): a misspelled
+    stage name would otherwise train 0 steps without a word."""
+    unknown, missing = sorted(set(configured) - set(stages)), [s for s in stages if s not in configured]
+    if unknown or missing:
+        raise ValueError(f"training config stages {dict(configured)} do not match generator {generator!r}, whose "
+                         f"stages are {', '.join(stages)}" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                         + (f"; missing: {', '.join(missing)} (give 0 to skip)" if missing else ""))
 
 
 def _cosine(warmup: int, total: int):
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = TrainConfig.from_yaml(a.config, **dict(parse_override(o) for o in a.overrides))
     summary = train(cfg, resume=a.resume, show_progress=not a.no_progress)
-    print(json.dumps({k: summary[k] for k in ("name", "generator", "seconds", "checkpoints", "vae_gate")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("name", "generator", "seconds", "checkpoints", "recon_gate")}, indent=1))
     return 0
 
 

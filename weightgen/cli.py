@@ -10,6 +10,16 @@ def _zoo_arg(p):
     p.add_argument("--zoo", default=None, help="zoo URL or directory (default: $WEIGHTGEN_ZOO or $WEIGHTGEN_HOME/zoo)")
 
 
+def arch_arg(text: str) -> str:
+    """``--arch``, checked against the registry when it is parsed (not when the parser is built:
+    the registry imports torch, which ``weightgen --help`` should not wait for)."""
+    from weightgen.archs import ARCHS
+
+    if text not in ARCHS:
+        raise argparse.ArgumentTypeError(f"unknown arch {text!r} (choose from {', '.join(ARCHS.names())})")
+    return text
+
+
 def _metric_filter(text: str):
     """'test_acc>=0.9' / 'loss<=0.1' -> (name, lo, hi)."""
     for op in (">=", "<="):
@@ -120,9 +130,9 @@ def cmd_quickstart(a) -> int:
 
 
 def cmd_generators(a) -> int:
-    from weightgen.sampling import _generator_dirs, generator_info
+    from weightgen.generators import trained_generators
 
-    print(json.dumps([generator_info(d) for d in _generator_dirs()], indent=1))
+    print(json.dumps([g.info() for g in trained_generators()], indent=1))
     return 0
 
 
@@ -189,10 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a generator: weightgen train --config CONFIG.yaml [--resume] [KEY=VALUE ...]",
                    add_help=False)  # dispatched in main() to training.train's own parser
 
-    from weightgen.archs import ARCHS
-
     s = sub.add_parser("sample", help="generate ready-to-load weights for an architecture and a dataset")
-    s.add_argument("--arch", required=True, choices=ARCHS.names())
+    s.add_argument("--arch", required=True, type=arch_arg, help="mlp-s, mlp-m, cnn-s, vit-t, vit-s, resnet-18, ...")
     s.add_argument("--dataset", required=True, help="registry name (digits:classes=3,1,4) or npz:PATH / folder:PATH")
     s.add_argument("--generator", help="trained generator name or directory (default: the one for this arch)")
     s.add_argument("--instruction", help="a text instruction (used by instruction-conditioned generators)")

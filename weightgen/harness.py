@@ -12,7 +12,7 @@ Mirrors the protocol of shared/research/feasibility.md §1-2 so numbers compare 
 * fine-tuning curves on the train split (full-batch Adam, lr 1e-2) from the best-of-n sample and
   from sample 0 ("1 sample"), test accuracy at steps {0, 5, 10, 25, 50, 100}, all methods of a task
   trained at once; "steps to X" is read off that grid from the mean curve over tasks;
-* autoencoder reconstruction (D2NWG ``reconstruct``) of weights trained from scratch on the
+* autoencoder reconstruction (generators that declare ``reconstruct``) of weights trained from scratch on the
   held-out tasks, relative to their own accuracy; novelty of every generator's samples against the
   zoo it was trained on (``novelty_vs_zoo``: aligned distance to the nearest zoo checkpoint / the
   zoo's own NN distance, and that checkpoint's accuracy on the task); sampling speed (models/s,
@@ -114,24 +114,17 @@ def shift_task(task: TaskData, pixels: int = 1) -> TaskData:
 def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tuple]:
     """name -> (generator, info) for every trained full-mode generator in ``root`` that can
     generate ``arch`` for k classes of this input shape."""
+    from weightgen.generators import trained_generators
     from weightgen.sampling import load_generator
 
     out = {}
-    for d in sorted(p for p in Path(root).glob("*") if (p / "config.json").is_file()):
-        c = json.loads((d / "config.json").read_text())
-        fits = c.get("arch") == arch and tuple(c.get("input_shape", ())) == tuple(input_shape)
-        if not fits or c.get("mode", "full") != "full":
+    for g in trained_generators(root):
+        if (g.arch, g.input_shape, g.config.get("mode", "full")) != (arch, tuple(input_shape), "full"):
             continue
-        loaded = load_generator(str(d))
-        gen = loaded.model
-        try:  # e.g. a hypernet trained for another class count
-            gen.sample(Condition(torch.zeros(k, 2, *input_shape)), 1, generator=torch.Generator().manual_seed(0))
-        except ValueError:
+        loaded = load_generator(str(g.path))
+        if loaded.model.unfit_reason(arch, input_shape, k) is not None:  # e.g. a hypernet for another class count
             continue
-        summary = d / "training_summary.json"
-        info = {**loaded.info, "training_tasks": json.loads(summary.read_text()).get("training_tasks", [])
-                if summary.is_file() else []}
-        out[d.name] = (gen, info)
+        out[g.name] = (loaded.model, {**loaded.info, "training_tasks": g.summary.get("training_tasks", [])})
     return out
 
 
@@ -170,7 +163,7 @@ def reconstruction(gen, arch: str, task: TaskData, sd: dict) -> dict:
     al, _ = align({n: sd[n] for n in keys}, arch, ref=gen.stats.align_ref() or None)
     layout = gen.layout(k)
     tokens = layout.tokenize(gen.stats.standardizer().normalize(al))
-    per_class = int(getattr(gen.config, "support_per_class", 10))
+    per_class = gen.support_per_class
     sx, sy = task.support(per_class, 0)
     support = group_support(sx, sy, k, per_class, torch.Generator().manual_seed(0))[None]
     rec = {**sd, **decode_tokens(layout, gen.reconstruct(tokens, k, support), gen.stats)}
@@ -260,7 +253,7 @@ def _eval_task(cfg, res, methods, gens, index, variant, kind, task, seed) -> Non
             if m != "scratch":
                 rows[m]["ft"], rows[m]["ft_one"] = curves[m], curves[m + "/1"]
         for name, (gen, info) in gens.items():
-            if hasattr(gen, "reconstruct"):
+            if gen.capabilities.reconstruct:
                 res["recon"].append({**key, "generator": name, **reconstruction(gen, cfg.arch, task, sds["scratch"])})
             nov = novelty_vs_zoo(gen, info, cfg.arch, task.num_classes, task.input_shape, sds[name], task) or {}
             res["novelty"].append({**key, "generator": name, "acc": rows[name]["mean"],

@@ -47,7 +47,7 @@ def quickstart(fast: bool = False, show_progress: bool = True) -> dict:
             continue
         print(f"[quickstart] training generator {tc.name} ({tc.generator}, stages {tc.stages})")
         s = train(tc, show_progress=show_progress)
-        report[tc.name] = {k: s[k] for k in ("seconds", "checkpoints", "vae_gate")}
+        report[tc.name] = {k: s[k] for k in ("seconds", "checkpoints", "recon_gate")}
     report["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(report, indent=1))
     print("[quickstart] done. Next: weightgen sample --arch mlp-s --dataset digits:classes=4,2,8,1,0 --out sample "

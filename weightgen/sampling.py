@@ -1,8 +1,14 @@
 """From a request to ready-to-load weights: find a generator, sample, validate, select, write.
 
-``weightgen sample`` never trains on the user's data behind their back: the support set is
-only *read* (conditioning, and measuring candidates for best-of-n selection). Gradient steps
-on it (``refine``) are an explicit option, off by default, and declared in the manifest.
+``weightgen sample`` never trains on the user's data behind their back: the support set (the
+user's labelled examples up to a cap per class, :mod:`weightgen.support`) is only *read*: it
+conditions the generator, closed-form parts are computed from it, and best-of-n is chosen on it.
+By default (``head="fit"``) the generated classifier is replaced by a closed-form head fitted on
+the support's class statistics under the generated backbone (:mod:`weightgen.heads`): declared in
+the manifest (``closed_form``), with the pure generated head's support accuracy beside it;
+``head="generated"`` returns the generator's own output. Accuracy is predicted on examples that
+did none of the above, with an interval. Gradient steps on the support (``refine``) are an
+explicit option, off by default, and declared in the manifest.
 """
 from __future__ import annotations
 
@@ -22,7 +28,10 @@ from weightgen.data import TaskData, load_dataset
 from weightgen.encoders import group_support
 from weightgen.evaluate import accuracy_many
 from weightgen.generators import Condition, TrainedGenerator, class_by_name, read_trained, trained_generators
+from weightgen.heads import HeadFit, fit_head
 from weightgen.registry import UnknownNameError
+from weightgen.shift import check_inputs
+from weightgen.support import SUPPORT_CAP, split_user_data, wilson_interval
 
 
 class NoGeneratorError(LookupError):
@@ -84,6 +93,8 @@ class LoadedGenerator:
     path: Path
     model: torch.nn.Module
     info: dict
+    input_profile: dict | None = None  # what its training inputs looked like (weightgen.shift)
+    training_tasks: int = 0
 
     @property
     def name(self) -> str:
@@ -99,7 +110,8 @@ def open_generator(path: str | Path) -> LoadedGenerator:
         cls = class_by_name(g.class_name)
     except UnknownNameError as e:
         raise NoGeneratorError(f"generator {g.name!r}: {e}") from None
-    return LoadedGenerator(g.path, cls.from_pretrained(str(g.path)).eval(), g.info())
+    return LoadedGenerator(g.path, cls.from_pretrained(str(g.path)).eval(), g.info(), g.summary.get("input_profile"),
+                           len(g.summary.get("training_tasks", [])))
 
 
 @lru_cache(maxsize=8)
@@ -117,7 +129,7 @@ class SampleResult:
     state_dict: dict[str, torch.Tensor]
     config: dict
     manifest: dict
-    candidates_support_acc: list[float]
+    candidates_score: list[float]  # what best-of-n chose on, per candidate (support only)
 
 
 def refine(arch, k, shape, sd, x, y, steps: int, lr: float = 1e-2) -> dict[str, torch.Tensor]:
@@ -133,8 +145,47 @@ def refine(arch, k, shape, sd, x, y, steps: int, lr: float = 1e-2) -> dict[str, 
     return {k_: v.detach().contiguous() for k_, v in model.state_dict().items()}
 
 
+HEADS = ("fit", "generated")
+
+
+@dataclass
+class Candidates:
+    """n candidate weight sets for one support set, and what best-of-n selects them by."""
+    sd: dict[str, torch.Tensor]  # stacked (n, ...)
+    score: torch.Tensor  # (n,) selection score, measured on the support only
+    score_basis: str
+    generated_support_accuracy: torch.Tensor  # (n,) the pure generated weights on the support
+    condition_per_class: int
+    fit: HeadFit | None = None
+
+
+def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0,
+               head: str = "fit", instruction: str | None = None) -> Candidates:
+    """Condition ``gen`` on the support (x, y), draw n weight sets, and (head="fit") replace their
+    classifier by the closed-form head of :mod:`weightgen.heads`. The generator reads as many
+    examples per class as it was trained to (drawn from the support, seeded); the head and the
+    selection score use the whole support. Shared by ``sample`` and the eval harness."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    m = gen.support_per_class
+    support = group_support(x, y, k, m, torch.Generator().manual_seed(seed))
+    raw = gen.sample(Condition(support, instruction), n, generator=torch.Generator().manual_seed(seed))
+    raw = {name: v.contiguous() for name, v in raw.items()}
+    gen_acc = accuracy_many(arch, k, shape, raw, x, y)
+    if head == "generated":
+        return Candidates(raw, gen_acc, "support accuracy", gen_acc, m)
+    sd, fit = fit_head(arch, k, shape, raw, x, y, seed=seed)
+    sd = {name: v.contiguous() for name, v in sd.items()}
+    if fit.folds:
+        return Candidates(sd, fit.cv_accuracy, f"{fit.folds}-fold cross-validated accuracy on the support",
+                          gen_acc, m, fit)
+    return Candidates(sd, accuracy_many(arch, k, shape, sd, x, y),
+                      "support accuracy (too few examples per class to cross-validate)", gen_acc, m, fit)
+
+
 def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator | None = None, n: int = 8, select: str = "best",
-           seed: int = 0, instruction: str | None = None, refine_steps: int = 0, novelty: bool = True) -> SampleResult:
+           seed: int = 0, instruction: str | None = None, refine_steps: int = 0, novelty: bool = True,
+           head: str = "fit", support_per_class: int = SUPPORT_CAP) -> SampleResult:
     """Generate weights of ``arch`` for ``dataset``; see the module docstring for what is and is not done."""
     t0 = time.time()
     spec = get_arch(arch)
@@ -151,37 +202,58 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         loaded = load_generator(str(find_generator(arch, task.input_shape, generator)))
     gen, info = loaded.model, loaded.info
     k, shape = task.num_classes, task.input_shape
-    per_class = gen.support_per_class
-    sx, sy = task.support(per_class=per_class, seed=seed)  # only read: conditioning and selection
-    support = group_support(sx, sy, k, per_class, torch.Generator().manual_seed(seed))
-    samples = gen.sample(Condition(support, instruction), n, generator=torch.Generator().manual_seed(seed))
-    samples = {name: v.contiguous() for name, v in samples.items()}
-    sup_acc = accuracy_many(arch, k, shape, samples, sx, sy)
-    pick = int(torch.argmax(sup_acc)) if select == "best" else 0  # argmax: first of ties, deterministic
-    sd = {name: v[pick].clone().contiguous() for name, v in samples.items()}
+    why = gen.unfit_reason(arch, shape, k)
+    if why:
+        raise GeneratorMismatchError(f"Generator {info['name']!r} {why}; name another generator or leave it out.")
+    split = split_user_data(task.x_train, task.y_train, k, support_per_class, seed)
+    sx, sy = split.x, split.y  # only read: conditioning, closed-form parts, selection
+    cands = candidates(gen, arch, k, shape, sx, sy, n, seed, head, instruction)
+    pick = int(torch.argmax(cands.score)) if select == "best" else 0  # argmax: first of ties, deterministic
+    sd = {name: v[pick].clone().contiguous() for name, v in cands.sd.items()}
     if refine_steps:
         sd = refine(arch, k, shape, sd, sx, sy, refine_steps)
-    # an honest estimate: accuracy on train examples that neither conditioned nor selected the sample
-    rest = torch.ones(len(task.y_train), dtype=torch.bool)
-    rest[task.support_indices(per_class, seed)] = False
     one = {name: v[None] for name, v in sd.items()}
-    predicted = float(accuracy_many(arch, k, shape, one, task.x_train[rest], task.y_train[rest])) if rest.any() else None
+    est_n = len(split.y_est)
+    correct = int(round(float(accuracy_many(arch, k, shape, one, split.x_est, split.y_est)) * est_n)) if est_n else 0
+    trained = gen.trained_for()
+    warnings = []
+    if trained["num_classes"] and k != trained["num_classes"]:
+        warnings.append(f"{k} classes requested from a generator trained on {trained['num_classes']}-class tasks; "
+                        f"measured on your data: {cands.score_basis} {float(cands.score[pick]):.3f}"
+                        + (" (the head was fitted to your data)" if head == "fit" else ""))
+    shift = check_inputs(loaded.input_profile, sx)
+    if shift and shift["shifted"]:
+        warnings.append(f"your inputs differ from those the generator was trained on (shift score {shift['score']:.2f}, "
+                        f"training tasks at most {shift['limit']:.2f}); generated features may not fit them — "
+                        f"{cands.score_basis}: {float(cands.score[pick]):.3f}")
     manifest = {
         "weightgen_version": __version__, "generator": info["name"], "generator_class": info["class"],
         "zoo_snapshot": info["zoo_snapshot"], "arch": arch, "dataset": task.name, "dataset_fingerprint": task.fingerprint(),
         "num_classes": k, "input_shape": list(shape), "seed": seed, "n": n, "select": select, "selected_index": pick,
-        "instruction": instruction, "instruction_used": False,
-        "support_per_class": per_class, "support_size": int(len(sy)),
-        "support_accuracy": float(sup_acc[pick]) if not refine_steps else float(accuracy_many(arch, k, shape, one, sx, sy)),
-        "predicted_accuracy": predicted, "predicted_accuracy_basis": "train examples outside the support set",
+        "instruction": instruction, "instruction_used": bool(instruction) and gen.capabilities.text,
+        "trained_on": {"num_classes": trained["num_classes"], "any_class_count": trained["any_class_count"],
+                       "input_shape": trained["input_shape"], "tasks": loaded.training_tasks,
+                       "input_shift": shift},
+        "warnings": warnings,
+        "support_per_class": support_per_class, "support_size": int(len(sy)),
+        "support_class_counts": torch.bincount(sy, minlength=k).tolist(),
+        "condition_per_class": cands.condition_per_class,
+        "head": head, "closed_form": {"head": cands.fit.describe(pick)} if cands.fit else {},
+        "selection_basis": cands.score_basis, "candidates_score": [round(float(s), 4) for s in cands.score],
+        "support_accuracy": float(accuracy_many(arch, k, shape, one, sx, sy)),
+        "support_cv_accuracy": (float(cands.fit.cv_accuracy[pick]) if cands.fit and cands.fit.folds else None),
+        "generated_head_support_accuracy": float(cands.generated_support_accuracy[pick]),
+        "predicted_accuracy": correct / est_n if est_n else None,
+        "predicted_accuracy_interval": list(wilson_interval(correct, est_n)) if est_n else None,
+        "predicted_accuracy_n": est_n, "predicted_accuracy_basis": split.basis,
         "refine_steps": refine_steps, "zero_shot": refine_steps == 0, "seconds": round(time.time() - t0, 3),
     }
     if novelty:
         from weightgen.novelty import novelty_vs_zoo
 
-        manifest["novelty"] = novelty_vs_zoo(gen, info, arch, k, shape, one, task)
+        manifest["novelty"] = novelty_vs_zoo(gen, info, arch, k, shape, one, task, ref_dir=loaded.path)
     cfg = model_config(arch, k, shape, dataset=task.name)
-    return SampleResult(sd, cfg, manifest, [float(a) for a in sup_acc])
+    return SampleResult(sd, cfg, manifest, [float(s) for s in cands.score])
 
 
 def write(result: SampleResult, out_dir: str | Path) -> Path:

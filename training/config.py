@@ -23,7 +23,8 @@ class TrainConfig:
     max_checkpoints: int | None = None
     stages: dict = field(default_factory=lambda: {"vae": 1500, "diffusion": 1000})
     batch_size: int = 64
-    support_per_class: int = 10
+    support_per_class: int = 10  # examples per class the generator reads (the most, when a minimum is set)
+    support_per_class_min: int | None = None  # set: each step draws its support size in [min, support_per_class]
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100

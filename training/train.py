@@ -32,7 +32,9 @@ from weightgen.evaluate import accuracy_many
 from weightgen.generators import get_generator_class, resolve_preset
 from weightgen.generators.common import decode_tokens
 from weightgen.generators.zoo_data import ZooWeights
+from weightgen.novelty import save_reference
 from weightgen.paths import default_zoo, generators_dir, home
+from weightgen.shift import input_profile
 from zoo import open_zoo
 
 
@@ -132,7 +134,10 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
         while progress.step < n_steps:
             # the batch is a function of (seed, stage, step, process): resuming replays the same data
             g = torch.Generator().manual_seed(hash((cfg.seed, si, progress.step, accelerator.process_index)) % 2**62)
-            batch = train_data.batch(cfg.batch_size, cfg.support_per_class, g)
+            # varying support sizes teach the set encoder that more examples are better estimates
+            m = cfg.support_per_class if not cfg.support_per_class_min else \
+                int(torch.randint(cfg.support_per_class_min, cfg.support_per_class + 1, (1,), generator=g))
+            batch = train_data.batch(cfg.batch_size, m, g)
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with accelerator.accumulate(model):
                 out = model({**batch, "stage": stage})
@@ -180,6 +185,9 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     if accelerator.is_main_process:
         final = ema.module if ema is not None and ema.n_averaged.item() > 0 else raw
         final.save_pretrained(str(out_dir))
+        # what requests are compared with: the training inputs (weightgen.shift) and zoo (weightgen.novelty)
+        summary["input_profile"] = input_profile(train_data.task_inputs())
+        summary["novelty_reference"] = save_reference(final, zoo.url, cfg.arch, cfg.num_classes, cfg.input_shape, out_dir)
         (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return summary

@@ -9,9 +9,11 @@ ambiguous (shared/research/feasibility.md §3, pitfall 4).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -54,9 +56,46 @@ def zoo_nn_distance(x: torch.Tensor, max_n: int = 500) -> float:
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _prepared_zoo(gen, info: dict, arch: str, k: int, shape) -> dict | None:
+REFERENCE_FILE = "novelty_reference.safetensors"
+
+
+def save_reference(gen, zoo_url: str, arch: str, k: int, shape, out_dir) -> int:
+    """Store the training zoo's checkpoints of (arch, k, shape), aligned to the generator's reference,
+    beside the trained generator: novelty is measured against the zoo it was trained on, and reading
+    ~9 MB once costs milliseconds where re-aligning the zoo cost ~0.35 s per process (and needed the zoo
+    to be reachable). Aligned weights compute exactly what the originals do (alignment only permutes
+    hidden units), so the nearest checkpoint's accuracy is measured on them. Returns the row count."""
+    from safetensors.torch import save_file
+
+    keys = list(gen.stats.stat_names)
+    got = _zoo_reference(zoo_url, arch, k, tuple(shape), tuple(keys))
+    if got is None:
+        return 0
+    ids, zoo_sd = got
+    zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=gen.stats.align_ref() or None)
+    meta = {"ids": json.dumps(ids), "arch": arch, "num_classes": str(k), "input_shape": json.dumps(list(shape))}
+    save_file({n: v.contiguous() for n, v in zoo_al.items()}, str(Path(out_dir) / REFERENCE_FILE), metadata=meta)
+    return len(ids)
+
+
+def _stored_reference(ref_dir, arch: str, k: int, shape) -> tuple[list[str], dict] | None:
+    path = Path(ref_dir) / REFERENCE_FILE if ref_dir else None
+    if path is None or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if (meta.get("arch"), meta.get("num_classes"), meta.get("input_shape")) != (arch, str(k), json.dumps(list(shape))):
+            return None
+        return json.loads(meta["ids"]), {n: f.get_tensor(n) for n in f.keys()}
+
+
+def _prepared_zoo(gen, info: dict, arch: str, k: int, shape, ref_dir=None) -> dict | None:
     """The zoo side of novelty, done once per generator: aligned, standardized, flattened, and
-    its typical nearest-neighbour distance (alignment of ~1,000 models is the expensive part)."""
+    its typical nearest-neighbour distance (alignment of ~1,000 models is the expensive part).
+    Read from the reference stored beside the generator when it covers (arch, k, shape), else from
+    the zoo."""
     # $WEIGHTGEN_ZOO wins over the path recorded at training time: on a cluster the generator was
     # trained elsewhere and the zoo is read by URL (ray_cluster.yaml)
     key = (_zoo_url(info), info.get("zoo_snapshot") or "", arch, k, tuple(shape))
@@ -66,15 +105,19 @@ def _prepared_zoo(gen, info: dict, arch: str, k: int, shape) -> dict | None:
         return hit if hit["zx"] is not None else None
     keys = list(gen.stats.stat_names)
     ref = {n: v for n, v in gen.stats.align_ref().items()}
-    got = _zoo_reference(key[0], arch, k, tuple(shape), tuple(keys))
-    if got is None:  # remembered briefly: checkpoints with k classes may be added to the zoo later
-        per_gen[key] = {"zx": None, "at": time.monotonic()}
-        return None
-    ids, zoo_sd = got
+    stored = _stored_reference(ref_dir, arch, k, shape)
+    if stored is not None:
+        ids, zoo_al = stored
+    else:
+        got = _zoo_reference(key[0], arch, k, tuple(shape), tuple(keys)) if key[0] else None
+        if got is None:  # remembered briefly: checkpoints with k classes may be added to the zoo later
+            per_gen[key] = {"zx": None, "at": time.monotonic()}
+            return None
+        ids, zoo_sd = got
+        zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=ref or None)
     std = gen.stats.standardizer()
-    zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=ref or None)
     zx = flat(zoo_al, keys, std)
-    per_gen[key] = {"ids": ids, "zoo_sd": zoo_sd, "zx": zx, "zx_sq": zx.pow(2).sum(1), "base": zoo_nn_distance(zx),
+    per_gen[key] = {"ids": ids, "zoo_sd": zoo_al, "zx": zx, "zx_sq": zx.pow(2).sum(1), "base": zoo_nn_distance(zx),
                     "keys": keys, "ref": ref, "std": std}
     return per_gen[key]
 
@@ -83,12 +126,14 @@ def _zoo_url(info: dict) -> str | None:
     return os.environ.get("WEIGHTGEN_ZOO") or info.get("zoo")
 
 
-def novelty_vs_zoo(gen, info: dict, arch: str, k: int, shape, sd: dict[str, torch.Tensor], task) -> dict | None:
-    """Novelty of stacked samples ``sd`` (n=1 usually) against the generator's zoo."""
-    if not _zoo_url(info):
+def novelty_vs_zoo(gen, info: dict, arch: str, k: int, shape, sd: dict[str, torch.Tensor], task,
+                   ref_dir=None) -> dict | None:
+    """Novelty of stacked samples ``sd`` (n=1 usually) against the generator's zoo (its stored
+    reference in ``ref_dir``, the trained generator's directory, where there is one)."""
+    if not _zoo_url(info) and ref_dir is None:
         return None
     try:
-        z = _prepared_zoo(gen, info, arch, k, shape)
+        z = _prepared_zoo(gen, info, arch, k, shape, ref_dir)
     except Exception as e:  # a zoo that moved or is unreachable must not fail the sample
         return {"error": f"zoo unavailable for novelty: {e}"}
     if z is None:

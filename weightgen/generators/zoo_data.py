@@ -71,6 +71,11 @@ class ZooWeights:
             self._task_data = [pool, counts]
         return self._task_data[0], self._task_data[1]
 
+    def task_inputs(self) -> list[torch.Tensor]:
+        """Each zoo task's train-split inputs (N_t, *input_shape), in ``self.tasks`` order."""
+        pool, counts = self._pool()
+        return [torch.cat([pool[t, c, :counts[t, c]] for c in range(self.num_classes)]) for t in range(len(self.tasks))]
+
     def support(self, rows: torch.Tensor, per_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, K, M, *input_shape): a fresh support set (with replacement) from each checkpoint's
         task train split — one gather for the whole batch."""

@@ -79,20 +79,32 @@ def test_scratch_training_learns_digits(setup):
 
 def test_quick_run_end_to_end(setup, tmp_path):
     cfg = EvalConfig(quick=True, tasks=1, n=2, zoo=setup["zoo"], generators=setup["generators"], speed_n=4,
-                     speed_threads=(1,))
+                     speed_threads=(1,), support_sizes=(1, 10), class_counts=(3,))
     res = run_eval(cfg)
     assert set(res["generators"]) == {"d2nwg-tiny", "hypernet-tiny"}
-    assert {"random", "nearest", "zoo_mean", "scratch"} <= set(res["methods"])
+    assert {"random", "nearest", "zoo_mean", "scratch", "lda", "logreg", "ncm", "d2nwg-tiny",
+            "d2nwg-tiny/generated"} <= set(res["methods"])
     assert not set(res["tasks"]["set"] + res["tasks"]["tuple"]) & set(setup["zoo_tasks"])
-    rows = {(r["variant"], r["method"], r["split"]): r for r in res["summary"]}
+    rows = {(r["variant"], r["method"], r["split"]): r for r in res["summary"] if "table" not in r}
     assert rows[("heldout", "scratch", "all")]["mean"] > 0.8
+    assert rows[("heldout", "lda", "all")]["mean"] > 0.7 and rows[("heldout", "ncm", "all")]["mean"] > 0.7
     assert set(rows[("heldout", "random", "set")]["ft"]) == set(cfg.ft_steps)
-    assert ("shifted", "d2nwg-tiny", "tuple") in rows
+    for variant in ("shifted", "elastic", "mnist8"):
+        assert (variant, "d2nwg-tiny", "tuple") in rows and (variant, "ncm", "all") in rows
+    # the fitted head reads the support: far above the untrained tiny generator's own head
+    assert rows[("heldout", "d2nwg-tiny", "all")]["mean"] > rows[("heldout", "d2nwg-tiny/generated", "all")]["mean"] + 0.2
+    sweep = {(r["variant"], r["per_class"], r["method"]) for r in res["summary"] if r.get("table") == "support_sweep"}
+    assert {("heldout", 1, "d2nwg-tiny"), ("mnist8", 10, "scratch"), ("heldout", 10, "ncm")} <= sweep
+    counts = {(r["num_classes"], r["method"]) for r in res["summary"] if r.get("table") == "class_counts"}
+    assert (3, "d2nwg-tiny") in counts and (3, "hypernet-tiny") not in counts, "a hypernet makes one class count"
     assert res["recon"] and res["novelty"][0]["ratio"] is not None and res["speed"]["d2nwg-tiny"]["models_per_s"] > 0
+    assert res["speed"]["d2nwg-tiny"]["fit_models_per_s"] > 0
     out = write_report(res, tmp_path / "eval")
     report = (out / "report.md").read_text()
-    assert "| d2nwg-tiny | set |" in report and "steps to 97.5%" in report and "Shifted" in report
-    assert (out / "ft_curves.png").stat().st_size > 1000 and (out / "novelty.png").stat().st_size > 1000
+    assert "| d2nwg-tiny | set |" in report and "steps to 97.5%" in report and "Unseen input distributions" in report
+    assert "Support size" in report and "Class counts" in report
+    for png in ("ft_curves", "novelty", "support_size"):
+        assert (out / f"{png}.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["summary"]
 
 

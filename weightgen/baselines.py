@@ -16,6 +16,8 @@ shared/research/feasibility.md §1 (its D, B, C and E baselines):
                    init seed (one model per seed both tasks have);
 * ``zoo_mean``     the mean of all aligned final zoo checkpoints with this class count (one model;
                    useless zero-shot but a strong fine-tuning init, feasibility.md §3);
+* ``lda``, ``logreg`` the support-set rules a generator must beat, as weights (linear classifiers on
+                   the inputs embedded exactly in the MLP's ReLU units; MLP archs only);
 * ``scratch``      trained on the task's train split with the zoo's recipe (minibatch 64 AdamW,
                    300 steps, from the zoo's shared inits: seed s), all seeds at once; the
                    reference every generator is measured against. The zoo draws lr per model
@@ -215,7 +217,36 @@ def prototype(req: Request) -> float:
     return prototype_accuracy(req.support_x, req.support_y, t.x_test, t.y_test, t.num_classes)
 
 
+def _repeat(sd: StateDict, n: int) -> StateDict:
+    return {k: v.expand(n, *v.shape[1:]).clone() for k, v in sd.items()}
+
+
+def lda_probe(req: Request) -> StateDict:
+    """Shrinkage LDA on the support's inputs (shrinkage by cross-validation on the support), as
+    weights of the arch: the closed-form rule without any generated part (weightgen.heads)."""
+    from weightgen.heads import embed_linear_classifier, fit_lda
+
+    x, k = req.support_x.flatten(1).float(), req.task.num_classes
+    w, b, _ = fit_lda(x[None], req.support_y, k, x.shape[1], seed=req.seed)
+    return _repeat(embed_linear_classifier(req.arch, k, req.shape, w[0], b[0], x.mean(0)), req.n)
+
+
+def logreg_probe(req: Request) -> StateDict:
+    """Multinomial logistic regression (scikit-learn, its default C = 1) on the support's inputs,
+    as weights of the arch: the linear probe a user would fit in one line."""
+    from sklearn.linear_model import LogisticRegression
+
+    from weightgen.heads import embed_linear_classifier
+
+    x, y, k = req.support_x.flatten(1).double().numpy(), req.support_y.numpy(), req.task.num_classes
+    lr = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+    w, b = torch.from_numpy(lr.coef_).float(), torch.from_numpy(lr.intercept_).float()
+    if k == 2:  # binary: one row for class 1
+        w, b = torch.cat([torch.zeros_like(w), w]), torch.cat([torch.zeros_like(b), b])
+    return _repeat(embed_linear_classifier(req.arch, k, req.shape, w, b, torch.from_numpy(x.mean(0)).float()), req.n)
+
+
 BASELINES: dict[str, Callable[[Request], StateDict]] = {
     "random": random_init, "nearest": nearest, "nearest_noise": nearest_noise, "nearest_avg": nearest_avg,
-    "zoo_mean": zoo_mean, "scratch": scratch,
+    "zoo_mean": zoo_mean, "lda": lda_probe, "logreg": logreg_probe, "scratch": scratch,
 }

@@ -7,7 +7,9 @@ def cmd_eval(a) -> int:
     from weightgen.paths import home
 
     cfg = EvalConfig(arch=a.arch, tasks=a.tasks, n=a.n, quick=a.quick, zoo=a.zoo, threads=a.threads,
-                     shifted=not a.no_shifted, verbose=a.verbose)
+                     variants=tuple(a.variants.split(",")), verbose=a.verbose,
+                     support_sizes=(1, 10) if a.quick else EvalConfig.support_sizes,
+                     class_counts=(2, 10) if a.quick else EvalConfig.class_counts)
     results = run_eval(cfg)
     out = write_report(results, a.out or home() / "eval")
     print(format_tables(results))
@@ -27,6 +29,7 @@ def add_eval_parser(subparsers) -> None:
     s.add_argument("--arch", default="mlp-s", type=arch_arg)
     s.add_argument("--zoo", default=None, help="zoo URL or directory (default: $WEIGHTGEN_ZOO or $WEIGHTGEN_HOME/zoo)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
-    s.add_argument("--no-shifted", action="store_true", help="skip the shifted-image variant")
+    s.add_argument("--variants", default="heldout,shifted,elastic,mnist8",
+                   help="task variants: heldout, and the unseen distributions shifted, elastic, mnist8 (comma-separated)")
     s.add_argument("--verbose", action="store_true", help="one line per task")
     s.set_defaults(fn=cmd_eval)

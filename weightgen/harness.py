@@ -5,19 +5,22 @@ Mirrors the protocol of shared/research/feasibility.md §1-2 so numbers compare 
 * tasks: ``SubsetFamily.heldout_tasks`` of both kinds, ``set`` (a class set never in the zoo) and
   ``tuple`` (a zoo class set in an unseen order); :func:`check_heldout` refuses any task that is in
   the zoo or in a generator's ``training_summary.json`` training tasks;
-* every method (each trained generator of the arch, and :mod:`weightgen.baselines`) gets the same
-  support set, ``task.support(support_per_class, seed)``: generators condition on it and best-of-n
-  is chosen on it (feasibility.md chose on the whole train split; the support set is what
-  ``weightgen sample`` can see). Zero-shot test accuracy: mean over samples, best-of-n, oracle best;
+* variants of every task, zero-shot: ``heldout`` (as is), and three the zoo and all tuning never
+  saw (report them apart): ``shifted`` (every image rolled one pixel right), ``elastic`` (a smooth
+  random displacement of every image) and ``mnist8`` (the same class tuples from MNIST, averaged
+  down to the 8x8 digits format: a source the zoo never saw);
+* every method gets the same support set, ``task.support(support_per_class, seed)``; generators
+  run through ``weightgen.sampling.candidates`` exactly as ``weightgen sample`` does, each twice:
+  ``NAME`` (the default: closed-form head fitted on the support, declared) and ``NAME/generated``
+  (the pure generator). Best-of-n is chosen on the support only (cross-validated accuracy for
+  fitted heads, support accuracy otherwise); mean over samples, best-of-n and oracle best;
+* baselines (:mod:`weightgen.baselines`) including the support-set rules a generator must beat:
+  nearest class mean, and shrinkage-LDA and logistic-regression probes on the inputs;
 * fine-tuning curves on the train split (full-batch Adam, lr 1e-2) from the best-of-n sample and
-  from sample 0 ("1 sample"), test accuracy at steps {0, 5, 10, 25, 50, 100}, all methods of a task
-  trained at once; "steps to X" is read off that grid from the mean curve over tasks;
-* autoencoder reconstruction (generators that declare ``reconstruct``) of weights trained from scratch on the
-  held-out tasks, relative to their own accuracy; novelty of every generator's samples against the
-  zoo it was trained on (``novelty_vs_zoo``: aligned distance to the nearest zoo checkpoint / the
-  zoo's own NN distance, and that checkpoint's accuracy on the task); sampling speed (models/s,
-  batch ``speed_n``, at each of ``speed_threads`` torch threads);
-* a ``shifted`` variant: the same tasks with every 8x8 image rolled one pixel right (zero-shot only).
+  from sample 0, test accuracy at steps {0, 5, 10, 25, 50, 100} (``heldout`` only);
+* a support-size sweep (per class 1, 5, 10, 50, 200) and a class-count check (2-10 classes);
+* autoencoder reconstruction (generators that declare ``reconstruct``) of weights trained from
+  scratch, novelty against the training zoo, sampling speed (pure, and with the fitted head).
 
 Everything runs with ``threads`` torch threads (default 1): the models are tiny, so extra threads
 only add synchronisation, which costs ~1000x on cores shared with other jobs.
@@ -25,28 +28,30 @@ only add synchronisation, which costs ~1000x on cores shared with other jobs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from weightgen import baselines
 from weightgen.align import align
-from weightgen.archs import image_shape
+from weightgen.archs import get_arch, image_shape
 from weightgen.baselines import Request, ZooIndex
 from weightgen.data import TaskData, load_dataset
 from weightgen.data.digits import get_family
 from weightgen.encoders import group_support
+from weightgen.eval_report import format_tables, summarize, write_report  # noqa: F401  (re-exported)
 from weightgen.evaluate import accuracy_many
 from weightgen.generators import Condition
 from weightgen.generators.common import decode_tokens
 from weightgen.novelty import novelty_vs_zoo
+from weightgen.sampling import candidates
 
 FT_STEPS = (0, 5, 10, 25, 50, 100)
-THRESHOLDS = (0.95, 0.975)
+VARIANTS = ("heldout", "shifted", "elastic", "mnist8")
 
 
 class HeldOutLeak(AssertionError):
@@ -70,7 +75,9 @@ class EvalConfig:
     scratch_steps: int = 300
     speed_n: int = 64
     speed_threads: tuple = (1, 2)  # torch threads to time sampling at (2 is slow on cores shared with other jobs)
-    shifted: bool = True
+    variants: tuple = VARIANTS
+    support_sizes: tuple = (1, 5, 10, 50, 100, 200)  # per class, for the support-size sweep (() skips it)
+    class_counts: tuple = (2, 3, 7, 10)  # class counts the zoo never had (it has 5), 3 tasks each
     threads: int | None = 1
     heldout: dict | None = None  # explicit {"set": [...], "tuple": [...]} instead of drawing them
     verbose: bool = False
@@ -90,7 +97,7 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
-# --------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------- tasks
 
 
 def check_heldout(tasks: dict[str, list[str]], zoo_tasks, generator_tasks: dict[str, set]) -> None:
@@ -111,6 +118,41 @@ def shift_task(task: TaskData, pixels: int = 1) -> TaskData:
                                x_test=roll(task.x_test))
 
 
+def elastic_task(task: TaskData, alpha: float = 1.0, sigma: float = 1.5, seed: int = 0) -> TaskData:
+    """Every image displaced by its own smooth random field (Simard et al. 2003): ``alpha`` pixels
+    of displacement, Gaussian-smoothed with ``sigma``; bilinear, zero outside."""
+    c, h, w = image_shape(task.input_shape)
+    g = torch.Generator().manual_seed(seed)
+    r = int(3 * sigma)
+    k1 = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma ** 2))
+    k1 = k1 / k1.sum()
+
+    def warp(x):
+        im = x.reshape(len(x), c, h, w)
+        field = torch.rand(len(x), 2, h, w, generator=g) * 2 - 1
+        field = torch.nn.functional.conv2d(field.reshape(-1, 1, h, w), k1.view(1, 1, 1, -1), padding=(0, r))
+        field = torch.nn.functional.conv2d(field, k1.view(1, 1, -1, 1), padding=(r, 0)).reshape(len(x), 2, h, w)
+        field = field / field.flatten(1).std(1).clamp_min(1e-6)[:, None, None, None] * alpha
+        ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+        gx = (xs + field[:, 0]) / (w - 1) * 2 - 1
+        gy = (ys + field[:, 1]) / (h - 1) * 2 - 1
+        out = torch.nn.functional.grid_sample(im, torch.stack([gx, gy], -1), align_corners=True)
+        return out.reshape(x.shape).clamp(0, 1)
+    return dataclasses.replace(task, name=f"{task.name}+elastic", x_train=warp(task.x_train), x_test=warp(task.x_test))
+
+
+def variant_task(name: str, variant: str) -> TaskData:
+    if variant == "heldout":
+        return load_dataset(name)
+    if variant == "shifted":
+        return shift_task(load_dataset(name))
+    if variant == "elastic":
+        return elastic_task(load_dataset(name))
+    if variant == "mnist8":  # the same class tuple, from MNIST in the 8x8 digits format
+        return load_dataset("mnist:size=8;classes=" + name.split("classes=", 1)[1])
+    raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+
+
 def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tuple]:
     """name -> (generator, info) for every trained full-mode generator in ``root`` that can
     generate ``arch`` for k classes of this input shape."""
@@ -124,28 +166,42 @@ def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tup
         loaded = load_generator(str(g.path))
         if loaded.model.unfit_reason(arch, input_shape, k) is not None:  # e.g. a hypernet for another class count
             continue
-        out[g.name] = (loaded.model, {**loaded.info, "training_tasks": g.summary.get("training_tasks", [])})
+        out[g.name] = (loaded.model, {**loaded.info, "training_tasks": g.summary.get("training_tasks", []),
+                                      "dir": str(g.path)})
     return out
 
 
-def generator_source(gen, per_class: int):
-    """A generator as a weight source: condition on the request's support set, sample n."""
+def generator_source(gen, head: str):
+    """A generator as a weight source, exactly as ``weightgen sample`` runs it: (stacked sd, selection score)."""
     def source(req: Request):
-        g = torch.Generator().manual_seed(req.seed)
-        support = group_support(req.support_x, req.support_y, req.task.num_classes, per_class, g)
-        return gen.sample(Condition(support), req.n, generator=torch.Generator().manual_seed(req.seed))
+        c = candidates(gen, req.arch, req.task.num_classes, req.shape, req.support_x, req.support_y, req.n,
+                       seed=req.seed, head=head)
+        return c.sd, c.score
     return source
+
+
+def methods_for(cfg: EvalConfig, gens: dict) -> dict:
+    methods = {}
+    for name, (g, _) in gens.items():
+        methods[name] = generator_source(g, "fit")
+        methods[name + "/generated"] = generator_source(g, "generated")
+    methods.update(baselines.BASELINES)
+    if get_arch(cfg.arch).family != "mlp":  # the probes embed a linear rule in an MLP's ReLU units
+        methods.pop("lda"), methods.pop("logreg")
+    methods["scratch"] = lambda req: baselines.scratch(req, steps=cfg.scratch_steps)
+    return methods
 
 
 # --------------------------------------------------------------------------- measuring
 
 
-def zero_shot(cfg: EvalConfig, task: TaskData, sx, sy, sd) -> dict:
+def zero_shot(cfg: EvalConfig, task: TaskData, sx, sy, sd, score=None) -> dict:
     k, shape = task.num_classes, task.input_shape
     test = accuracy_many(cfg.arch, k, shape, sd, task.x_test, task.y_test)
-    sup = accuracy_many(cfg.arch, k, shape, sd, sx, sy)
-    return {"mean": float(test.mean()), "best": float(test[int(sup.argmax())]), "oracle": float(test.max()),
-            "n": len(test), "pick": int(sup.argmax())}
+    sel = accuracy_many(cfg.arch, k, shape, sd, sx, sy) if score is None else score
+    pick = int(torch.argmax(sel))
+    return {"mean": float(test.mean()), "best": float(test[pick]), "oracle": float(test.max()), "n": len(test),
+            "pick": pick}
 
 
 def fine_tune(cfg: EvalConfig, task: TaskData, starts: dict[str, dict]) -> dict[str, dict[int, float]]:
@@ -171,20 +227,43 @@ def reconstruction(gen, arch: str, task: TaskData, sd: dict) -> dict:
     return {"orig": acc(sd), "recon": acc(rec)}
 
 
-def sampling_speed(gen, cond: Condition, n: int, repeats: int, threads_list=(1, 2)) -> dict:
-    """models/s of ``gen.sample`` (best of ``repeats``) at each thread count, and the best of them."""
+def sampling_speed(gen, arch: str, sx, sy, k: int, n: int, repeats: int, threads_list=(1, 2)) -> dict:
+    """models/s of the pure ``gen.sample`` and of ``candidates`` with the fitted head (best of
+    ``repeats``) at each thread count."""
     out = {}
+    cond = Condition(group_support(sx, sy, k, gen.support_per_class, torch.Generator().manual_seed(0)))
+    shape = tuple(sx.shape[1:])
+    runs = {"": lambda r: gen.sample(cond, n, generator=torch.Generator().manual_seed(r)),
+            "fit_": lambda r: candidates(gen, arch, k, shape, sx, sy, n, seed=r)}
     for threads in threads_list:
         with _threads(threads):
-            gen.sample(cond, 2, generator=torch.Generator().manual_seed(0))  # warm-up
-            best = float("inf")
-            for r in range(repeats):
-                t0 = time.perf_counter()
-                gen.sample(cond, n, generator=torch.Generator().manual_seed(r))
-                best = min(best, time.perf_counter() - t0)
-        out[f"models_per_s_{threads}t"] = n / best
-    out["models_per_s"] = max(out.values())
+            for tag, run in runs.items():
+                run(0)  # warm-up
+                best = float("inf")
+                for r in range(repeats):
+                    t0 = time.perf_counter()
+                    run(r)
+                    best = min(best, time.perf_counter() - t0)
+                out[f"{tag}models_per_s_{threads}t"] = n / best
+    out["models_per_s"] = max(v for k_, v in out.items() if not k_.startswith("fit_"))
+    out["fit_models_per_s"] = max(v for k_, v in out.items() if k_.startswith("fit_"))
     return out
+
+
+def _support_task(task: TaskData, sx, sy) -> TaskData:
+    """The task with its train split replaced by the support: 'scratch on the same examples'."""
+    return dataclasses.replace(task, x_train=sx, y_train=sy)
+
+
+def _probe_rows(cfg, task, sx, sy, key, methods: dict, seed: int) -> list[dict]:
+    """Zero-shot rows of ``methods`` (name -> source) on one support set."""
+    rows = []
+    for name, source in methods.items():
+        out = source(Request(cfg.arch, task, sx, sy, cfg.n, seed, None))
+        sd, score = out if isinstance(out, tuple) else (out, None)
+        rows.append({**key, "method": name, **zero_shot(cfg, task, sx, sy, sd, score)})
+    rows.append({**key, "method": "ncm", "mean": baselines.prototype(Request(cfg.arch, task, sx, sy, cfg.n, seed))})
+    return rows
 
 
 # --------------------------------------------------------------------------- the run
@@ -195,6 +274,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     from zoo import open_zoo
 
     t_start = time.time()
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     fam = get_family(cfg.family)
     k, shape = fam.k, load_dataset(fam.base).input_shape
     zoo = open_zoo(cfg.zoo or default_zoo(), mode="r")
@@ -206,28 +288,30 @@ def run_eval(cfg: EvalConfig) -> dict:
                                                  zoo_tasks=zoo_tasks | set().union(*gen_tasks.values()))
         check_heldout(tasks, zoo_tasks, gen_tasks)
         index = ZooIndex(zoo, cfg.arch, k, shape, cfg.support_per_class, cfg.seed)
-        methods = {name: generator_source(g, cfg.support_per_class) for name, (g, _) in gens.items()}
-        methods.update(baselines.BASELINES)
-        methods["scratch"] = lambda req: baselines.scratch(req, steps=cfg.scratch_steps)
+        methods = methods_for(cfg, gens)
         res = {"config": dataclasses.asdict(cfg), "tasks": tasks, "zoo": zoo.url, "zoo_checkpoints": len(index.ids),
-               "generators": {n: info for n, (_, info) in gens.items()}, "methods": list(methods),
-               "per_task": [], "ncm": [], "recon": [], "novelty": [], "speed": {}}
-        variants = ("heldout", "shifted") if cfg.shifted else ("heldout",)
-        for variant in variants:
+               "generators": {n: info for n, (_, info) in gens.items()}, "methods": [*methods, "ncm"],
+               "per_task": [], "recon": [], "novelty": [], "speed": {}, "support_sweep": [], "class_counts": []}
+        for variant in cfg.variants:
             for i, (kind, name) in enumerate((kd, t) for kd, ts in tasks.items() for t in ts):
-                task = load_dataset(name) if variant == "heldout" else shift_task(load_dataset(name))
-                _eval_task(cfg, res, methods, gens, index, variant, kind, task, seed=cfg.seed * 1000 + i)
-                if cfg.verbose:
-                    print(f"[eval] {variant} {kind} {name} ({time.time() - t_start:.0f} s)", flush=True)
+                _eval_task(cfg, res, methods, gens, index, variant, kind, variant_task(name, variant),
+                           seed=cfg.seed * 1000 + i)
+                _log(cfg, t_start, f"{variant} {kind} {name}")
+        _support_sweep(cfg, res, gens, tasks, t_start)
+        _class_counts(cfg, res, gens, t_start)
         first = load_dataset(next(t for ts in tasks.values() for t in ts))
         sx, sy = first.support(cfg.support_per_class, cfg.seed)
         for name, (gen, _) in gens.items():
-            cond = Condition(group_support(sx, sy, k, cfg.support_per_class, torch.Generator().manual_seed(0)))
-            speed = sampling_speed(gen, cond, cfg.speed_n, 1 if cfg.quick else 3, cfg.speed_threads)
+            speed = sampling_speed(gen, cfg.arch, sx, sy, k, cfg.speed_n, 1 if cfg.quick else 3, cfg.speed_threads)
             res["speed"][name] = {"n": cfg.speed_n, **speed}
     res["summary"] = summarize(res, cfg.ft_steps)
     res["seconds"] = round(time.time() - t_start, 1)
     return res
+
+
+def _log(cfg, t_start, what):
+    if cfg.verbose:
+        print(f"[eval] {what} ({time.time() - t_start:.0f} s)", flush=True)
 
 
 def _eval_task(cfg, res, methods, gens, index, variant, kind, task, seed) -> None:
@@ -236,12 +320,13 @@ def _eval_task(cfg, res, methods, gens, index, variant, kind, task, seed) -> Non
     sds, rows = {}, {}
     for name, source in methods.items():
         t0 = time.perf_counter()
-        sd = source(Request(cfg.arch, task, sx, sy, cfg.n, seed, index))
+        out = source(Request(cfg.arch, task, sx, sy, cfg.n, seed, index))
         secs = time.perf_counter() - t0
+        sd, score = out if isinstance(out, tuple) else (out, None)
         sds[name] = sd
         n = len(next(iter(sd.values())))
-        rows[name] = {**key, "method": name, **zero_shot(cfg, task, sx, sy, sd), "s_per_model": secs / n}
-    res["ncm"].append({**key, "acc": baselines.prototype(Request(cfg.arch, task, sx, sy, cfg.n, seed))})
+        rows[name] = {**key, "method": name, **zero_shot(cfg, task, sx, sy, sd, score), "s_per_model": secs / n}
+    rows["ncm"] = {**key, "method": "ncm", "mean": baselines.prototype(Request(cfg.arch, task, sx, sy, cfg.n, seed))}
     if variant == "heldout":
         starts = {}
         for m, sd in sds.items():
@@ -249,160 +334,59 @@ def _eval_task(cfg, res, methods, gens, index, variant, kind, task, seed) -> Non
                 starts[m] = {k_: v[rows[m]["pick"]][None] for k_, v in sd.items()}
                 starts[m + "/1"] = {k_: v[:1] for k_, v in sd.items()}
         curves = fine_tune(cfg, task, starts)
-        for m in rows:
+        for m in sds:
             if m != "scratch":
                 rows[m]["ft"], rows[m]["ft_one"] = curves[m], curves[m + "/1"]
         for name, (gen, info) in gens.items():
             if gen.capabilities.reconstruct:
                 res["recon"].append({**key, "generator": name, **reconstruction(gen, cfg.arch, task, sds["scratch"])})
-            nov = novelty_vs_zoo(gen, info, cfg.arch, task.num_classes, task.input_shape, sds[name], task) or {}
-            res["novelty"].append({**key, "generator": name, "acc": rows[name]["mean"],
-                                   **{f: nov.get(f) for f in ("ratio", "nearest_zoo_accuracy", "error")}})
+            for m in (name, name + "/generated"):
+                nov = novelty_vs_zoo(gen, info, cfg.arch, task.num_classes, task.input_shape, sds[m], task,
+                                     ref_dir=info.get("dir")) or {}
+                res["novelty"].append({**key, "generator": m, "acc": rows[m]["mean"],
+                                       **{f: nov.get(f) for f in ("ratio", "nearest_zoo_accuracy", "error")}})
     res["per_task"].extend(rows.values())
 
 
-# --------------------------------------------------------------------------- summary and report
+def _sweep_methods(cfg, gens, k: int | None = None, input_shape=(64,)) -> dict:
+    m = {}
+    for name, (g, _) in gens.items():
+        if k is not None and g.unfit_reason(cfg.arch, input_shape, k) is not None:
+            continue  # e.g. a hypernet trained for one class count
+        m[name] = generator_source(g, "fit")
+        m[name + "/generated"] = generator_source(g, "generated")
+    if get_arch(cfg.arch).family == "mlp":
+        m["lda"], m["logreg"] = baselines.lda_probe, baselines.logreg_probe
+    return m
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
+def _support_sweep(cfg, res, gens, tasks, t_start) -> None:
+    """Zero-shot test accuracy against support examples per class, on the held-out class sets and
+    on MNIST (the unseen source); scratch is trained on the same examples."""
+    methods = _sweep_methods(cfg, gens)
+    methods["scratch"] = lambda req: baselines.scratch(req, steps=cfg.scratch_steps)
+    for variant in [v for v in ("heldout", "mnist8") if v in cfg.variants]:
+        for i, name in enumerate(tasks.get("set", [])):
+            task = variant_task(name, variant)
+            for size in cfg.support_sizes:
+                sx, sy = task.support(size, cfg.seed)
+                key = {"variant": variant, "kind": "set", "task": task.name, "per_class": size}
+                sub = _support_task(task, sx, sy)  # scratch sees only the support
+                for row in _probe_rows(cfg, sub, sx, sy, key, methods, seed=cfg.seed * 1000 + i):
+                    res["support_sweep"].append(row)
+            _log(cfg, t_start, f"support sweep {variant} {name}")
 
 
-def steps_to(curve: dict, threshold: float):
-    """First grid step whose accuracy reaches ``threshold`` (None: not within the grid)."""
-    return next((s for s in sorted(curve) if curve[s] >= threshold), None)
-
-
-def _select(rows: list[dict], variant: str, split: str) -> list[dict]:
-    return [r for r in rows if r["variant"] == variant and split in (r["kind"], "all")]
-
-
-def summarize(res: dict, ft_steps) -> list[dict]:
-    """Means over tasks per (variant, method, split); split "all" pools both kinds."""
-    out = []
-    variants = dict.fromkeys(r["variant"] for r in res["per_task"])
-    for variant in variants:
-        for split in [*res["tasks"], "all"]:
-            for m in res["methods"]:
-                rows = [r for r in _select(res["per_task"], variant, split) if r["method"] == m]
-                s = {"variant": variant, "method": m, "split": split, "tasks": len(rows),
-                     **{f: _mean(r[f] for r in rows) for f in ("mean", "best", "oracle", "s_per_model")}}
-                if rows and "ft" in rows[0]:
-                    for f in ("ft", "ft_one"):
-                        s[f] = {st: _mean(r[f][st] for r in rows) for st in ft_steps}
-                    for th in THRESHOLDS:
-                        s[f"steps_to_{th}"] = steps_to(s["ft"], th)
-                out.append(s)
-            ncm = _mean(r["acc"] for r in _select(res["ncm"], variant, split))
-            out.append({"variant": variant, "method": "ncm", "split": split, "mean": ncm})
-            if variant == "heldout":
-                for g in dict.fromkeys(r["generator"] for r in res["recon"] + res["novelty"]):
-                    rec = [r for r in _select(res["recon"], variant, split) if r["generator"] == g]
-                    nov = [r for r in _select(res["novelty"], variant, split) if r["generator"] == g]
-                    out.append({"variant": variant, "method": g, "split": split, "table": "recon_novelty",
-                                **{f: _mean(r[f] for r in rec) for f in ("orig", "recon")},
-                                **{f: _mean(r[f] for r in nov) for f in ("ratio", "nearest_zoo_accuracy", "acc")}})
-    return out
-
-
-def _pct(x):
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _curve(d) -> dict[int, float]:  # step keys are str after a JSON round trip
-    return {int(k): v for k, v in (d or {}).items()}
-
-
-def _steps(x):
-    return ">100" if x is None else str(x)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _zero_cells(r: dict) -> list[str]:
-    return [r["method"], r["split"], _pct(r["mean"]), _pct(r.get("best")), _pct(r.get("oracle"))]
-
-
-def format_tables(res: dict) -> str:
-    """The report's markdown tables (means over tasks; accuracies in %)."""
-    c = res["config"]
-    ft = list(c["ft_steps"])[1:]
-    rows = [r for r in res["summary"] if r["split"] != "all" and "table" not in r]
-    body = []
-    for r in (r for r in rows if r["variant"] == "heldout"):
-        f, f1 = _curve(r.get("ft")), _curve(r.get("ft_one"))
-        tail = ([f"{_pct(f1.get(10))} / {_pct(f1.get(50))}", _steps(r["steps_to_0.95"]), _steps(r["steps_to_0.975"])]
-                if f else ["–"] * 3)
-        secs = "–" if r.get("s_per_model") is None else f"{r['s_per_model']:.4f}"
-        body.append(_zero_cells(r) + [_pct(f.get(s)) for s in ft] + tail + [secs])
-    lines = [f"### Held-out tasks: zero-shot and fine-tuning (test accuracy %, n = {c['n']} samples, "
-             f"{len(res['tasks']['set'])} + {len(res['tasks'].get('tuple', []))} set + tuple tasks)", ""]
-    lines += _table(["method", "split", "0-step mean", "best-of-n (support-sel)", "oracle best"]
-                    + [f"FT{s}" for s in ft]
-                    + ["FT10 / FT50 (1 sample)", "steps to 95%", "steps to 97.5%", "s / model"], body)
-    if any(r["variant"] == "shifted" for r in rows):
-        lines += ["", "### Shifted tasks (images rolled one pixel): zero-shot (test accuracy %)", ""]
-        lines += _table(["method", "split", "0-step mean", "best-of-n", "oracle best"],
-                        [_zero_cells(r) for r in rows if r["variant"] == "shifted"])
-    rn = [r for r in res["summary"] if r.get("table") == "recon_novelty" and r["split"] != "all"]
-    if rn:
-        lines += ["", "### Autoencoder reconstruction of held-out scratch weights; novelty of samples", ""]
-        lines += _table(["generator", "split", "scratch acc", "reconstructed acc", "ratio",
-                         "novelty (NN dist / zoo NN dist)", "nearest zoo ckpt acc", "generated acc (mean)"],
-                        [[r["method"], r["split"], _pct(r["orig"]), _pct(r["recon"]),
-                          "–" if r["recon"] is None else f"{r['recon'] / max(r['orig'], 1e-8):.3f}",
-                          "–" if r["ratio"] is None else f"{r['ratio']:.2f}", _pct(r["nearest_zoo_accuracy"]),
-                          _pct(r["acc"])] for r in rn])
-    if res["speed"]:
-        ts = list(c["speed_threads"])
-        lines += ["", f"### Sampling speed (models/s, batch {c['speed_n']}, this machine)", ""]
-        lines += _table(["generator"] + [f"{t} torch thread(s)" for t in ts],
-                        [[g] + [f"{s[f'models_per_s_{t}t']:.0f}" for t in ts] for g, s in res["speed"].items()])
-    return "\n".join(lines) + "\n"
-
-
-def write_report(results: dict, out_dir) -> Path:
-    """OUT/report.md, OUT/results.json, OUT/ft_curves.png, OUT/novelty.png; returns OUT."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(f"# weightgen eval ({results['config']['arch']})\n\n" + format_tables(results))
-    kinds = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for r in results["summary"]:
-            if r["variant"] == "heldout" and r["split"] == kind and "ft" in r:
-                curve = _curve(r["ft"])
-                ax.plot(sorted(curve), [100 * curve[s] for s in sorted(curve)], marker="o", label=r["method"])
-            if r["variant"] == "heldout" and r["split"] == kind and r["method"] == "scratch":
-                ax.axhline(100 * r["mean"], color="gray", ls="--", lw=1, label="scratch (300 steps)")
-        steps = list(results["config"]["ft_steps"])
-        ax.set_xscale("symlog", linthresh=5)
-        ax.set(title=f"held-out {kind}: fine-tuning from best-of-n", xlabel="full-batch Adam steps",
-               ylabel="test accuracy (%)", ylim=(0, 100), xlim=(0, max(steps) * 1.1), xticks=steps, xticklabels=steps)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "ft_curves.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for g in dict.fromkeys(r["generator"] for r in results["novelty"]):
-        pts = [r for r in results["novelty"] if r["generator"] == g and r["ratio"] is not None]
-        sc = ax.scatter([r["ratio"] for r in pts], [100 * r["acc"] for r in pts], label=f"{g}: samples (mean)")
-        ax.scatter([r["ratio"] for r in pts], [100 * (r["nearest_zoo_accuracy"] or 0) for r in pts], facecolors="none",
-                   edgecolors=sc.get_facecolor(), label=f"{g}: nearest zoo ckpt")
-    ax.axvline(1.0, color="gray", ls="--", lw=1)
-    ax.set(xlabel="novelty (distance to nearest zoo ckpt / zoo NN distance)", ylabel="test accuracy (%)",
-           title="accuracy vs novelty, per held-out task")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "novelty.png", dpi=110)
-    plt.close(fig)
-    return out
+def _class_counts(cfg, res, gens, t_start) -> None:
+    """Any class count from one generator: k-class digit tasks (the zoo has only 5-class ones)."""
+    rng = np.random.default_rng(cfg.task_seed)
+    for k in cfg.class_counts:
+        methods = _sweep_methods(cfg, gens, k, load_dataset("digits").input_shape)
+        methods["scratch"] = lambda req: baselines.scratch(req, steps=cfg.scratch_steps)
+        for j in range(1 if cfg.quick else 3):
+            classes = rng.permutation(10)[:k].tolist()
+            task = load_dataset("digits:classes=" + ",".join(map(str, classes)))
+            sx, sy = task.support(cfg.support_per_class, cfg.seed)
+            key = {"variant": "classes", "kind": str(k), "task": task.name, "num_classes": k}
+            res["class_counts"].extend(_probe_rows(cfg, task, sx, sy, key, methods, seed=cfg.seed * 1000 + j))
+        _log(cfg, t_start, f"class count {k}")

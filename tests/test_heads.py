@@ -9,7 +9,8 @@ import torch
 from weightgen import build_model, get_arch
 from weightgen.data import load_dataset
 from weightgen.evaluate import accuracy_many, logits_many, prototype_accuracy
-from weightgen.heads import (_lda, _stats, embed_linear_classifier, fit_head, fit_lda, stratified_folds)
+from weightgen.heads import (MAX_FOLDS, _lda, _stats, embed_linear_classifier, fit_head, fit_lda,
+                             stratified_folds)
 from weightgen.shift import check_inputs, input_profile
 from weightgen.support import split_user_data, wilson_interval
 
@@ -40,7 +41,7 @@ def test_lda_from_fold_statistics_equals_refitting_without_the_fold():
     y = torch.arange(n) % k
     z = torch.randn(2, n, 5) + y[None, :, None].float()
     fold, f = stratified_folds(y, k)
-    assert f == min(10, n // k) and all(torch.bincount(y[fold == i], minlength=k).min() >= 1 for i in range(f))
+    assert f == min(MAX_FOLDS, n // k) and all(torch.bincount(y[fold == i], minlength=k).min() >= 1 for i in range(f))
     cnt, sums, second = _stats(z, y, fold, k, f)
     for i in range(f):
         keep = fold != i
@@ -63,9 +64,9 @@ def test_fitted_head_reads_the_support_and_loads():
     model.load_state_dict({n: v[0] for n, v in fitted.items()}, strict=True)
     acc = accuracy_many("mlp-s", 5, (64,), fitted, task.x_test, task.y_test)
     assert acc.min() > prototype_accuracy(sx, sy, task.x_test, task.y_test, 5) > 0.8
-    assert fit.folds == 10 and ((0 <= fit.cv_accuracy) & (fit.cv_accuracy <= 1)).all() and fit.input_units == 8
+    assert fit.folds == MAX_FOLDS and ((0 <= fit.cv_accuracy) & (fit.cv_accuracy <= 1)).all() and fit.input_units == 8
     d = fit.describe(0)
-    assert d["method"].startswith("shrinkage LDA") and d["cv_folds"] == 10 and d["input_units_per_layer"] == 8
+    assert d["method"].startswith("shrinkage LDA") and d["cv_folds"] == MAX_FOLDS and d["input_units_per_layer"] == 8
     shuffled = sy[torch.randperm(len(sy), generator=torch.Generator().manual_seed(0))]
     other, _ = fit_head("mlp-s", 5, (64,), sd, sx, shuffled)
     assert not torch.allclose(other["fcs.1.weight"], fitted["fcs.1.weight"]), "labels change the head"

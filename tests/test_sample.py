@@ -69,8 +69,9 @@ def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tm
 def test_refine_is_opt_in_and_declared(use_tiny_home, tmp_path, capsys):
     from weightgen.sampling import sample
 
-    zero = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=2, novelty=False)
-    tuned = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=2, novelty=False, refine_steps=30)
+    zero = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=2, novelty=False, head="generated")
+    tuned = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=2, novelty=False, refine_steps=30,
+                   head="generated")
     assert zero.manifest["refine_steps"] == 0 and zero.manifest["zero_shot"]
     assert tuned.manifest["refine_steps"] == 30 and not tuned.manifest["zero_shot"]
     assert tuned.manifest["support_accuracy"] > zero.manifest["support_accuracy"]
@@ -146,7 +147,7 @@ def test_head_choice_and_support_size_are_declared(use_tiny_home, tmp_path):
 
     fit = sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", n=3, novelty=False)
     pure = sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", n=3, novelty=False, head="generated")
-    assert fit.manifest["head"] == "fit" and fit.manifest["closed_form"]["head"]["cv_folds"] == 10
+    assert fit.manifest["head"] == "fit" and fit.manifest["closed_form"]["head"]["cv_folds"] == 5
     assert pure.manifest["head"] == "generated" and pure.manifest["closed_form"] == {}
     assert pure.manifest["support_accuracy"] == pytest.approx(pure.manifest["generated_head_support_accuracy"])
     assert fit.manifest["predicted_accuracy"] > pure.manifest["predicted_accuracy"] + 0.2, "the tiny generator is untrained"
@@ -165,3 +166,14 @@ def test_head_choice_and_support_size_are_declared(use_tiny_home, tmp_path):
     assert small.manifest["support_size"] == 35 and "beyond the support cap" in small.manifest["predicted_accuracy_basis"]
     with pytest.raises(ValueError, match="head must be one of"):
         sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", head="magic")
+
+
+def test_one_example_per_class_keeps_the_generated_head_only_for_familiar_inputs(use_tiny_home, tmp_path):
+    from weightgen.harness import shift_task
+    from weightgen.sampling import sample
+
+    same = sample("mlp-s", "digits:classes=4,2,8,1,0", generator="d2nwg-tiny", n=2, novelty=False, support_per_class=1)
+    assert same.manifest["head_used"] == "generated" and "one example per class" in same.manifest["selection_basis"]
+    rolled = sample("mlp-s", shift_task(load_dataset("digits:classes=4,2,8,1,0"), 2), generator="d2nwg-tiny", n=2,
+                    novelty=False, support_per_class=1)
+    assert rolled.manifest["head_used"] == "fit" and rolled.manifest["closed_form"]["head"]["cv_folds"] == 0

@@ -104,13 +104,24 @@ def cmd_zoo_build(a) -> int:
     return 0
 
 
+def default_out(a) -> str:
+    """Where ``sample`` writes without --out: under $WEIGHTGEN_HOME, never the current directory
+    (a repository checkout would show it in ``git status``)."""
+    import re
+
+    from weightgen.paths import home
+
+    slug = re.sub(r"[^A-Za-z0-9.,=-]+", "-", a.dataset).strip("-")[:80] or "dataset"
+    return str(home() / "samples" / f"{a.arch}_{slug}_seed{a.seed}")
+
+
 def cmd_sample(a) -> int:
     from weightgen.sampling import sample, write
 
     res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
                  instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty, head=a.head,
                  support_per_class=a.support_per_class)
-    out = write(res, a.out)
+    out = write(res, a.out or default_out(a))
     m = res.manifest
     for w in m["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -223,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine", type=int, default=0, metavar="K",
                    help="K gradient steps on the support set after sampling (off by default; declared in the manifest)")
     s.add_argument("--no-novelty", action="store_true", help="skip the novelty check against the zoo")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", help="output directory (default: $WEIGHTGEN_HOME/samples/ARCH_DATASET_seedSEED)")
     s.add_argument("--json", action="store_true", help="print the manifest")
     s.set_defaults(fn=cmd_sample)
 

@@ -8,8 +8,8 @@ def cmd_eval(a) -> int:
 
     cfg = EvalConfig(arch=a.arch, tasks=a.tasks, n=a.n, quick=a.quick, zoo=a.zoo, threads=a.threads,
                      variants=tuple(a.variants.split(",")), verbose=a.verbose,
-                     support_sizes=(1, 10) if a.quick else EvalConfig.support_sizes,
-                     class_counts=(2, 10) if a.quick else EvalConfig.class_counts)
+                     support_sizes=(10,) if a.quick else EvalConfig.support_sizes,
+                     class_counts=(10,) if a.quick else EvalConfig.class_counts)
     results = run_eval(cfg)
     out = write_report(results, a.out or home() / "eval")
     print(format_tables(results))

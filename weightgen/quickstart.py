@@ -50,6 +50,6 @@ def quickstart(fast: bool = False, show_progress: bool = True) -> dict:
         report[tc.name] = {k: s[k] for k in ("seconds", "checkpoints", "recon_gate")}
     report["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(report, indent=1))
-    print("[quickstart] done. Next: weightgen sample --arch mlp-s --dataset digits:classes=4,2,8,1,0 --out sample "
-          "&& weightgen eval")
+    print("[quickstart] done. Next: weightgen sample --arch mlp-s --dataset digits:classes=4,2,8,1,0 "
+          "&& weightgen eval --quick")
     return report

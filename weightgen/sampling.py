@@ -157,14 +157,20 @@ class Candidates:
     generated_support_accuracy: torch.Tensor  # (n,) the pure generated weights on the support
     condition_per_class: int
     fit: HeadFit | None = None
+    head_used: str = "fit"
 
 
 def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0,
-               head: str = "fit", instruction: str | None = None) -> Candidates:
+               head: str = "fit", instruction: str | None = None, input_profile: dict | None = None) -> Candidates:
     """Condition ``gen`` on the support (x, y), draw n weight sets, and (head="fit") replace their
     classifier by the closed-form head of :mod:`weightgen.heads`. The generator reads as many
     examples per class as it was trained to (drawn from the support, seeded); the head and the
-    selection score use the whole support. Shared by ``sample`` and the eval harness."""
+    selection score use the whole support. Shared by ``sample`` and the eval harness.
+
+    With a single example in some class nothing can be cross-validated, and then the generator's
+    own head is kept when the inputs look like its training inputs (``input_profile``): on zoo
+    training tasks with 1 example per class it scored 75.6 % against 71.7 % for the fitted head,
+    while on shifted inputs the fitted head kept 71.9 % against 34.3 %."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     m = gen.support_per_class
@@ -172,8 +178,13 @@ def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, 
     raw = gen.sample(Condition(support, instruction), n, generator=torch.Generator().manual_seed(seed))
     raw = {name: v.contiguous() for name, v in raw.items()}
     gen_acc = accuracy_many(arch, k, shape, raw, x, y)
+    if head == "fit" and int(torch.bincount(y, minlength=k).min()) < 2:
+        shift = check_inputs(input_profile, x)
+        if shift is not None and not shift["shifted"]:
+            return Candidates(raw, gen_acc, "support accuracy (one example per class, inputs like the generator's "
+                              "training inputs: its own head)", gen_acc, m, head_used="generated")
     if head == "generated":
-        return Candidates(raw, gen_acc, "support accuracy", gen_acc, m)
+        return Candidates(raw, gen_acc, "support accuracy", gen_acc, m, head_used="generated")
     sd, fit = fit_head(arch, k, shape, raw, x, y, seed=seed)
     sd = {name: v.contiguous() for name, v in sd.items()}
     if fit.folds:
@@ -207,7 +218,7 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         raise GeneratorMismatchError(f"Generator {info['name']!r} {why}; name another generator or leave it out.")
     split = split_user_data(task.x_train, task.y_train, k, support_per_class, seed)
     sx, sy = split.x, split.y  # only read: conditioning, closed-form parts, selection
-    cands = candidates(gen, arch, k, shape, sx, sy, n, seed, head, instruction)
+    cands = candidates(gen, arch, k, shape, sx, sy, n, seed, head, instruction, loaded.input_profile)
     pick = int(torch.argmax(cands.score)) if select == "best" else 0  # argmax: first of ties, deterministic
     sd = {name: v[pick].clone().contiguous() for name, v in cands.sd.items()}
     if refine_steps:
@@ -238,7 +249,8 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         "support_per_class": support_per_class, "support_size": int(len(sy)),
         "support_class_counts": torch.bincount(sy, minlength=k).tolist(),
         "condition_per_class": cands.condition_per_class,
-        "head": head, "closed_form": {"head": cands.fit.describe(pick)} if cands.fit else {},
+        "head": head, "head_used": cands.head_used,
+        "closed_form": {"head": cands.fit.describe(pick)} if cands.fit else {},
         "selection_basis": cands.score_basis, "candidates_score": [round(float(s), 4) for s in cands.score],
         "support_accuracy": float(accuracy_many(arch, k, shape, one, sx, sy)),
         "support_cv_accuracy": (float(cands.fit.cv_accuracy[pick]) if cands.fit and cands.fit.folds else None),

@@ -216,13 +216,17 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weightgen train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML training config (see training/configs)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (YAML values)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     cfg = TrainConfig.from_yaml(a.config, **dict(parse_override(o) for o in a.overrides))
     summary = train(cfg, resume=a.resume, show_progress=not a.no_progress)
     print(json.dumps({k: summary[k] for k in ("name", "generator", "seconds", "checkpoints", "recon_gate")}, indent=1))

@@ -171,3 +171,20 @@ def test_ray_batch_ingestion(tmp_path, ray_session):
     assert set(z.ids()) == {checkpoint_id(sd) for _, sd in files}
     again = ingest([str(tmp_path / "in")], str(tmp_path / "zoo"), "mlp-s", DS, workers=2, show_progress=False)
     assert len(again.duplicate) == 30 and not again.ingested
+
+
+@pytest.mark.ray
+def test_cli_workers_starts_its_own_ray(tmp_path):
+    """`weightgen zoo ingest --workers 2` as a user runs it: Ray not started yet, relative paths, a
+    bad file among good ones; the CLI starts Ray, ingests, reports, and shuts it down."""
+    files = make_mlp_files(tmp_path / "in", 6)
+    (tmp_path / "in" / "junk.pt").write_bytes(b"junk")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "weightgen.cli", "zoo", "ingest", "in", "--zoo", "zoo", "--arch",
+                           "mlp-s", "--dataset", DS, "--workers", "2", "--json", "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # 1: one rejection
+    out = json.loads(proc.stdout)
+    assert out["ingested"] == 6 and out["rejected_by_reason"] == {"unreadable": 1}
+    assert set(Zoo(str(tmp_path / "zoo"), mode="r").ids()) == {checkpoint_id(sd) for _, sd in files}

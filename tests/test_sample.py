@@ -110,3 +110,56 @@ def test_a_dropped_generator_is_freed(use_tiny_home):
     del loaded
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("flag,value", [("--n", "0"), ("--n", "-3"), ("--seed", str(10**22)), ("--seed", str(-10**20))])
+def test_bad_n_and_seed_are_argument_errors_before_any_work(flag, value, tmp_path, capsys, monkeypatch):
+    import weightgen.sampling
+
+    monkeypatch.setattr(weightgen.sampling, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", flag, value, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_unusable_out_is_an_error_before_sampling(tmp_path, capsys, monkeypatch):
+    import os
+
+    import weightgen.sampling
+
+    monkeypatch.setattr(weightgen.sampling, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file", "not a directory"), ("/proc/x", "cannot write in /proc")]
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        cases.append((ro / "out", "cannot write in"))
+    for out, msg in cases:
+        rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", "--out", str(out)], capsys)
+        assert rc == 2 and msg in err and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_outputs_replace_symlinks_and_follow_the_umask(use_tiny_home, tmp_path, capsys):
+    """`sample --out d` with d/config.json a symlink overwrote the symlink's target; model.safetensors
+    was written 0600 beside 0644 configs."""
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("config.json", "manifest.json", "model.safetensors"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("keep me")
+        (out / name).symlink_to(victims[name])
+    rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", "--generator", "d2nwg-tiny",
+                       "--n", "2", "--no-novelty", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert all(v.read_text() == "keep me" for v in victims.values())
+    assert not any((out / n).is_symlink() for n in victims)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE((out / n).stat().st_mode) for n in victims} == {0o666 & ~umask}
+    assert sorted(p.name for p in out.iterdir()) == sorted(victims), "no temp files left"
+    weightgen.load_model(out)

@@ -40,7 +40,7 @@ def test_sample_writes_loadable_weights_config_and_manifest(use_tiny_home, tmp_p
     assert abs(acc - manifest["support_accuracy"]) < 1e-6, "the manifest's support accuracy is measured"
 
 
-def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tmp_path, capsys):
+def test_same_seed_same_bytes(use_tiny_home, tmp_path, capsys):
     args = ["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", "--generator", "d2nwg-tiny",
             "--n", "6", "--no-novelty"]
     assert _run(args + ["--out", str(tmp_path / "a")], capsys)[0] == 0
@@ -48,12 +48,42 @@ def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tm
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert _run(args + ["--out", str(tmp_path / "c"), "--seed", "1"], capsys)[0] == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
-    from weightgen.sampling import sample
 
-    res = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, novelty=False)
-    assert res.manifest["support_accuracy"] == pytest.approx(max(res.candidates_support_acc))
-    none = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, select="none", novelty=False)
+
+SELECTION_SEED = 2  # a seed whose first candidate is not the best (seeds 0, 1: it ties the best)
+
+
+def test_best_of_n_keeps_the_candidate_best_on_the_support_set(use_trained_home):
+    """This compared the reported accuracy with the max of the same tensor it was picked from."""
+    import torch
+
+    from weightgen.encoders import group_support
+    from weightgen.generators import Condition
+    from weightgen.sampling import find_generator, load_generator, sample
+
+    seed = SELECTION_SEED
+    res = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-trained", n=6, seed=seed, novelty=False)
+    none = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-trained", n=6, seed=seed, select="none",
+                  novelty=False)
     assert none.manifest["selected_index"] == 0
+    # the candidates again, each measured on the support set here with its own nn.Module (not with
+    # the accuracies sample() reports): best-of-n must keep the best one, and it must not be the first
+    gen = load_generator(str(find_generator("mlp-s", (64,), "d2nwg-trained"))).model
+    per_class = res.manifest["support_per_class"]
+    sx, sy = load_dataset("digits:classes=0,1,2,3,4").support(per_class=per_class, seed=seed)
+    cands = gen.sample(Condition(group_support(sx, sy, 5, per_class, torch.Generator().manual_seed(seed))), 6,
+                       generator=torch.Generator().manual_seed(seed))
+    accs = []
+    for i in range(6):
+        model = weightgen.build_model("mlp-s", 5, (64,))
+        model.load_state_dict({k: v[i] for k, v in cands.items()}, strict=True)
+        accs.append(float((model(sx).argmax(-1) == sy).float().mean()))
+    best = accs.index(max(accs))
+    assert accs[0] < max(accs), f"seed {seed} must make selection matter, got {accs}"
+    assert res.manifest["selected_index"] == best
+    assert all(torch.equal(res.state_dict[k], cands[k][best]) for k in cands)
+    assert res.manifest["support_accuracy"] == pytest.approx(max(accs), abs=1e-6)
+    assert all(torch.equal(none.state_dict[k], cands[k][0]) for k in cands)
 
 
 def test_refine_is_opt_in_and_declared(use_tiny_home, tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_show_export_and_stats(zoo_url, tmp_path, capsys):
     assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes  # readable like any file the user writes
     assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors"], "no temp files left"
     rc, _, err = _run(["zoo", "export", cks[2].id, "--zoo", url, "--out", str(victim)], capsys)
-    assert rc == 2 and "not a directory" in err and victim.read_text() == "keep me"
+    assert rc == 2 and "exists and is not a directory" in err and victim.read_text() == "keep me"
     rc, out, _ = _run(["zoo", "stats", "--zoo", url], capsys)
     s = json.loads(out)
     assert rc == 0 and s["checkpoints"] == 6 and s["commits"] == 2 and s["by_arch"] == {"mlp-s": 6}

@@ -40,9 +40,13 @@ def _folder(root, size=(8, 8), n=2):
 
 
 def test_folder_images_are_checked_from_their_headers(tmp_path, monkeypatch):
+    from weightgen.data import folder
+
     root = tmp_path / "imgs"
     _folder(root)
     assert load_dataset(f"folder:{root}").input_shape == (1, 8, 8)
+    # every header is checked before the first image is decoded
+    monkeypatch.setattr(folder, "_pixels", lambda *a, **k: pytest.fail("an image was decoded before the limits held"))
     monkeypatch.setenv("WEIGHTGEN_MAX_IMAGE_PIXELS", "50")
     with pytest.raises(DatasetError, match="64 pixels, over the limit of 50 per image"):
         load_dataset(f"folder:{root}")

@@ -186,3 +186,20 @@ def test_size_cap_is_configurable_and_shapes_are_refused_from_the_header(tmp_pat
         "shape.safetensors": "shape_mismatch", "with_optimizer.pt": "too_large", "no_data.pt": "not_a_checkpoint"}
     assert "--max-bytes" in s.rejected[-1]["detail"] or "--max-bytes" in s.rejected[0]["detail"]
     assert ingest([str(wrapped)], str(tmp_path / "zoo"), "mlp-s", DS, show_progress=False).ingested == [checkpoint_id(sd)]
+
+
+def test_an_unforeseen_failure_is_that_items_row_not_the_jobs(tmp_path, monkeypatch):
+    import zoo.ingest as zi
+
+    files = make_mlp_files(tmp_path / "in", 3)
+    real = zi.open_checkpoint
+
+    def flaky(path):
+        if str(path).endswith("ckpt_00001.safetensors"):
+            raise RuntimeError("disk on fire")
+        return real(path)
+
+    monkeypatch.setattr(zi, "open_checkpoint", flaky)
+    s = ingest([str(tmp_path / "in")], str(tmp_path / "zoo"), "mlp-s", DS, show_progress=False)
+    assert sorted(s.ingested) == sorted(checkpoint_id(sd) for _, sd in (files[0], files[2]))
+    assert s.rejected == [{"path": str(files[1][0]), "reason": "error", "detail": "RuntimeError: disk on fire"}]

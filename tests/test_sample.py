@@ -159,7 +159,7 @@ def test_unusable_out_is_an_error_before_sampling(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(weightgen.sampling, "sample", lambda *a, **k: pytest.fail("sampling started"))
     (tmp_path / "file").write_text("x")
-    cases = [(tmp_path / "file", "not a directory"), ("/proc/x", "cannot write in /proc")]
+    cases = [(tmp_path / "file", "exists and is not a directory"), ("/proc/x", "cannot write in /proc")]
     if os.geteuid() != 0:  # root writes into read-only folders
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)

@@ -138,11 +138,9 @@ def _open_safetensors(p: Path) -> CheckpointFile:
 # --------------------------------------------------------------------------- HF folders
 
 
-def _inside(folder: Path, name, what: str) -> Path:
-    """``folder / name``, refused unless it is a plain relative name that resolves inside ``folder``
-    (a symlink pointing out of it is refused like a ``../`` shard path)."""
-    if not isinstance(name, str) or not name:
-        raise Rejected("unreadable", f"{what} must name a file, got {name!r}", str(folder))
+def _inside(folder: Path, name: str, what: str) -> Path:
+    """``folder / name``, refused unless it resolves inside ``folder`` (a symlink pointing out of it
+    is refused like a ``../`` shard path)."""
     target = (folder / name).resolve()
     if folder.resolve() not in target.parents:
         raise Rejected("unreadable", f"{what} {name} points outside the folder (to {target}); copy the file into "

@@ -147,8 +147,6 @@ def _resolve_shape(item: Item, arch, dataset, info: dict) -> tuple[str, int, tup
             num_classes, input_shape = dataset_shape(ds)
         except Exception as e:  # noqa: BLE001 - any dataset error is this item's problem, not the job's
             raise Rejected("bad_dataset", str(e)[:300], item.path) from None
-        if num_classes < 2:
-            raise Rejected("bad_dataset", f"{ds} has {num_classes} class(es); a classifier needs at least 2", item.path)
         return ds, num_classes, tuple(input_shape)
     if "num_classes" in info and "input_shape" in info:
         bad = check_metadata(arch, info["num_classes"], info["input_shape"])

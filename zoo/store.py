@@ -4,7 +4,9 @@ Layout (one root, local directory or any fsspec URL such as ``s3://bucket/zoo``)
 
     collections/<arch>__k<K>__<input shape>/          one per architecture *shape*
         segments/<seg>/<tensor name>                  (rows, *shape) arrays, rows = checkpoints
-        commits/<commit>/zarr.json                    attrs: {"segment": seg, "records": [...]}
+        commits/<commit>/zarr.json                    attrs: {"segment": seg, "records": [...]},
+                                                      or {"removed": [ids]} (``zoo rm``)
+        leases/<seg>/zarr.json                        held by the writer of <seg> until it commits
 
 Why this shape: stacked rows write ~100x faster than a group per checkpoint and read one tensor
 across many checkpoints in one request. Writers never touch each other's keys: each ingestion

@@ -140,7 +140,7 @@ def test_kill_9_mid_ingest_then_rerun_completes(tmp_path):
     files = make_mlp_files(tmp_path / "in", 400)
     zoo_dir = tmp_path / "zoo"
     orphaned = 0
-    for wait_commits in (2, 6, 12):
+    for wait_commits in (1, 3, 6):
         proc = subprocess.Popen([sys.executable, "-c", _SLOW + _KILLABLE, str(tmp_path / "in"), str(zoo_dir)])
         deadline = time.time() + 60
         # kill inside a segment: after `wait_commits` commits, once a segment exists that no commit names

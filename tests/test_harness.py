@@ -114,3 +114,11 @@ def test_heldout_assertion_fires(setup):
         run_eval(EvalConfig(zoo=setup["zoo"], generators=setup["generators"], heldout={"set": [leaked], "tuple": []}))
     with pytest.raises(HeldOutLeak, match="training task of generator"):
         check_heldout({"tuple": ["digits:classes=0,1,2,3,4"]}, [], {"g": {"digits:classes=0,1,2,3,4"}})
+    # a held-out class *set* in another order is the same set: caught in the zoo and in training tasks
+    with pytest.raises(HeldOutLeak, match="class set of a task that is in the zoo"):
+        check_heldout({"set": ["digits:classes=4,3,2,1,0"]}, ["digits:classes=0,1,2,3,4"], {})
+    with pytest.raises(HeldOutLeak, match="class set of a task that is a training task of generator 'g'"):
+        check_heldout({"set": ["digits:classes=4,3,2,1,0"]}, [], {"g": {"digits:classes=1,0,2,3,4"}})
+    # an unseen *order* of a zoo class set is exactly what a tuple task is; other sets pass
+    check_heldout({"tuple": ["digits:classes=4,3,2,1,0"], "set": ["digits:classes=5,6,7,8,9"]},
+                  ["digits:classes=0,1,2,3,4", "mnist:classes=5,6,7,8,9"], {"g": {"digits:classes=0,1,2,3,5"}})

@@ -121,26 +121,41 @@ from weightgen.cli import main
 sys.exit(main(["zoo", "ingest", sys.argv[1], "--zoo", sys.argv[2], "--arch", "mlp-s",
                "--dataset", "digits:classes=0,1,2,3,4", "--no-progress"]))
 """
+# A writer slowed down inside each segment (after every array), so a kill can be aimed at one in flight.
+_SLOW = "import time, zarr; _c = zarr.Group.create_array\n" \
+        "zarr.Group.create_array = lambda *a, **k: (_c(*a, **k), time.sleep(0.02))[0]\n"
 
 
 def _commits(zoo_dir: Path) -> int:
     return len(list(zoo_dir.glob("collections/*/commits/*/zarr.json")))
 
 
+def _orphans(zoo_dir: Path) -> set[str]:
+    """Segments no commit names: what a writer killed mid-segment leaves."""
+    segs = {p.parent.name for p in zoo_dir.glob("collections/*/segments/*/zarr.json")}
+    return segs - {p.parent.name for p in zoo_dir.glob("collections/*/commits/*/zarr.json")}
+
+
 def test_kill_9_mid_ingest_then_rerun_completes(tmp_path):
     files = make_mlp_files(tmp_path / "in", 400)
     zoo_dir = tmp_path / "zoo"
-    for attempt, wait_commits in enumerate((2, 10, 25)):
-        proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(tmp_path / "in"), str(zoo_dir)])
+    orphaned = 0
+    for wait_commits in (1, 3, 6):
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW + _KILLABLE, str(tmp_path / "in"), str(zoo_dir)])
         deadline = time.time() + 60
-        while _commits(zoo_dir) < wait_commits and proc.poll() is None and time.time() < deadline:
+        # kill inside a segment: after `wait_commits` commits, once a segment exists that no commit names
+        while (_commits(zoo_dir) < wait_commits or not _orphans(zoo_dir)) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        orphaned += bool(_orphans(zoo_dir))
         z = Zoo(str(zoo_dir), mode="r")  # opens after a kill -9
         for ckpt_id in z.ids():  # and every listed entry is whole
             assert checkpoint_id(z.load(ckpt_id)) == ckpt_id
-        assert len(z) < 400 or attempt > 0
+        assert len(z) < 400
+    assert orphaned == 3, "every kill landed inside a segment: the orphans prove the commit is what publishes"
+    assert Zoo(str(zoo_dir)).gc(min_age_s=0), "gc reclaims a killed writer's segment at once (its pid is gone)"
+    assert not _orphans(zoo_dir)
     proc = subprocess.run([sys.executable, "-c", _KILLABLE, str(tmp_path / "in"), str(zoo_dir)])
     assert proc.returncode == 0
     z = Zoo(str(zoo_dir), mode="r")
@@ -171,3 +186,20 @@ def test_ray_batch_ingestion(tmp_path, ray_session):
     assert set(z.ids()) == {checkpoint_id(sd) for _, sd in files}
     again = ingest([str(tmp_path / "in")], str(tmp_path / "zoo"), "mlp-s", DS, workers=2, show_progress=False)
     assert len(again.duplicate) == 30 and not again.ingested
+
+
+@pytest.mark.ray
+def test_cli_workers_starts_its_own_ray(tmp_path):
+    """`weightgen zoo ingest --workers 2` as a user runs it: Ray not started yet, relative paths, a
+    bad file among good ones; the CLI starts Ray, ingests, reports, and shuts it down."""
+    files = make_mlp_files(tmp_path / "in", 6)
+    (tmp_path / "in" / "junk.pt").write_bytes(b"junk")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "weightgen.cli", "zoo", "ingest", "in", "--zoo", "zoo", "--arch",
+                           "mlp-s", "--dataset", DS, "--workers", "2", "--json", "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # 1: one rejection
+    out = json.loads(proc.stdout)
+    assert out["ingested"] == 6 and out["rejected_by_reason"] == {"unreadable": 1}
+    assert set(Zoo(str(tmp_path / "zoo"), mode="r").ids()) == {checkpoint_id(sd) for _, sd in files}

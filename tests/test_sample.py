@@ -50,7 +50,7 @@ def test_sample_writes_loadable_weights_config_and_manifest(use_tiny_home, tmp_p
     assert manifest["head"] == "fit" and manifest["closed_form"]["head"]["method"].startswith("shrinkage LDA")
 
 
-def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tmp_path, capsys):
+def test_same_seed_same_bytes(use_tiny_home, tmp_path, capsys):
     args = ["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", "--generator", "d2nwg-tiny",
             "--n", "6", "--no-novelty"]
     assert _run(args + ["--out", str(tmp_path / "a")], capsys)[0] == 0
@@ -58,12 +58,46 @@ def test_same_seed_same_bytes_and_best_of_n_selects_on_support(use_tiny_home, tm
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert _run(args + ["--out", str(tmp_path / "c"), "--seed", "1"], capsys)[0] == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
-    from weightgen.sampling import sample
 
-    res = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, novelty=False)
-    assert res.candidates_score[res.manifest["selected_index"]] == pytest.approx(max(res.candidates_score))
-    none = sample("mlp-s", "digits:classes=0,1,2,3,4", generator="d2nwg-tiny", n=6, select="none", novelty=False)
+
+SELECTION_SEED = 2  # a seed whose first candidate is not the best (seeds 0, 1: it ties the best)
+
+
+def test_best_of_n_keeps_the_candidate_best_on_the_support_set(use_trained_home):
+    """This compared the reported accuracy with the max of the same tensor it was picked from."""
+    import torch
+
+    from weightgen.encoders import group_support
+    from weightgen.generators import Condition
+    from weightgen.sampling import find_generator, load_generator, sample
+
+    from weightgen.support import split_user_data
+
+    seed = SELECTION_SEED
+    kw = dict(generator="d2nwg-trained", n=6, seed=seed, novelty=False, head="generated", support_per_class=10)
+    res = sample("mlp-s", "digits:classes=0,1,2,3,4", **kw)
+    none = sample("mlp-s", "digits:classes=0,1,2,3,4", select="none", **kw)
     assert none.manifest["selected_index"] == 0
+    # the candidates again, each measured on the support set here with its own nn.Module (not with
+    # the accuracies sample() reports): best-of-n must keep the best one, and it must not be the first
+    gen = load_generator(str(find_generator("mlp-s", (64,), "d2nwg-trained"))).model
+    task = load_dataset("digits:classes=0,1,2,3,4")
+    split = split_user_data(task.x_train, task.y_train, 5, 10, seed)
+    sx, sy = split.x, split.y
+    per_class = gen.support_per_class
+    cands = gen.sample(Condition(group_support(sx, sy, 5, per_class, torch.Generator().manual_seed(seed))), 6,
+                       generator=torch.Generator().manual_seed(seed))
+    accs = []
+    for i in range(6):
+        model = weightgen.build_model("mlp-s", 5, (64,))
+        model.load_state_dict({k: v[i] for k, v in cands.items()}, strict=True)
+        accs.append(float((model(sx).argmax(-1) == sy).float().mean()))
+    best = accs.index(max(accs))
+    assert accs[0] < max(accs), f"seed {seed} must make selection matter, got {accs}"
+    assert res.manifest["selected_index"] == best
+    assert all(torch.equal(res.state_dict[k], cands[k][best]) for k in cands)
+    assert res.manifest["support_accuracy"] == pytest.approx(max(accs), abs=1e-6)
+    assert all(torch.equal(none.state_dict[k], cands[k][0]) for k in cands)
 
 
 def test_refine_is_opt_in_and_declared(use_tiny_home, tmp_path, capsys):
@@ -177,3 +211,56 @@ def test_one_example_per_class_keeps_the_generated_head_only_for_familiar_inputs
     rolled = sample("mlp-s", shift_task(load_dataset("digits:classes=4,2,8,1,0"), 2), generator="d2nwg-tiny", n=2,
                     novelty=False, support_per_class=1)
     assert rolled.manifest["head_used"] == "fit" and rolled.manifest["closed_form"]["head"]["cv_folds"] == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--n", "0"), ("--n", "-3"), ("--seed", str(10**22)), ("--seed", str(-10**20))])
+def test_bad_n_and_seed_are_argument_errors_before_any_work(flag, value, tmp_path, capsys, monkeypatch):
+    import weightgen.sampling
+
+    monkeypatch.setattr(weightgen.sampling, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", flag, value, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_unusable_out_is_an_error_before_sampling(tmp_path, capsys, monkeypatch):
+    import os
+
+    import weightgen.sampling
+
+    monkeypatch.setattr(weightgen.sampling, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file", "exists and is not a directory"), ("/proc/x", "cannot write in /proc")]
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        cases.append((ro / "out", "cannot write in"))
+    for out, msg in cases:
+        rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", "--out", str(out)], capsys)
+        assert rc == 2 and msg in err and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_outputs_replace_symlinks_and_follow_the_umask(use_tiny_home, tmp_path, capsys):
+    """`sample --out d` with d/config.json a symlink overwrote the symlink's target; model.safetensors
+    was written 0600 beside 0644 configs."""
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("config.json", "manifest.json", "model.safetensors"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("keep me")
+        (out / name).symlink_to(victims[name])
+    rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "digits:classes=0,1,2,3,4", "--generator", "d2nwg-tiny",
+                       "--n", "2", "--no-novelty", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert all(v.read_text() == "keep me" for v in victims.values())
+    assert not any((out / n).is_symlink() for n in victims)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE((out / n).stat().st_mode) for n in victims} == {0o666 & ~umask}
+    assert sorted(p.name for p in out.iterdir()) == sorted(victims), "no temp files left"
+    weightgen.load_model(out)

@@ -34,17 +34,25 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_home, tmp_path, m
 
     def dying_batch(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 20:  # step 8 of the diffusion stage
+        if calls["n"] == 20 and not calls.get("crashed"):  # step 8 of the diffusion stage, once
+            calls["crashed"] = True
             raise KeyboardInterrupt("simulated crash")
         return real_batch(self, *a, **k)
 
     monkeypatch.setattr(zoo_data.ZooWeights, "batch", dying_batch)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, show_progress=False)
-    monkeypatch.setattr(zoo_data.ZooWeights, "batch", real_batch)
     ckpts = sorted((tmp_path / "cut" / "run" / "checkpoints").glob("checkpoint_*"))
     assert ckpts, "save_state wrote checkpoints before the crash"
+    calls["n"] = 0  # count the steps the resumed run takes
     train(interrupted, resume=True, show_progress=False)  # must not hit 'checkpoint_N already exists' (#3306)
+    monkeypatch.setattr(zoo_data.ZooWeights, "batch", real_batch)
+    # Everything is seeded, so a restart from step 0 also ends on the same weights: what shows a
+    # resume is that only the steps after the last checkpoint (diffusion step 5 of 12) ran again,
+    # and that they still end where the uninterrupted run did (optimizer, EMA and RNG restored).
+    assert calls["n"] == 12 - 5, f"the resumed run took {calls['n']} steps, not the 7 after its checkpoint"
+    logged = [(r["stage"], r["step"]) for r in map(json.loads, (tmp_path / "cut" / "run" / "loss.jsonl").read_text().splitlines())]
+    assert logged == [("vae", 4), ("vae", 8), ("vae", 12), ("diffusion", 4), ("diffusion", 8), ("diffusion", 12)]
     a, b = _weights(full.out_dir), _weights(interrupted.out_dir)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resume replays the same data, RNG and optimizer state"

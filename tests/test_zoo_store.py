@@ -150,3 +150,180 @@ def test_writers_that_start_together_on_a_new_zoo(tmp_path):
             p.join(60)
         assert sorted(results.get(timeout=5) for _ in procs) == ["ok"] * 4
         assert len(Zoo(url, mode="r").query()) == 4
+
+
+def test_stack_mixed_dtypes_converts_each_row_by_its_stored_dtype(tmp_path):
+    """A bf16 row came back as its raw uint16 bit patterns (48,820 for 0.41) when stacked with a
+    float32 row, and float32 rows were garbled when the bf16 one came first."""
+    z = Zoo(str(tmp_path / "zoo"))
+    a, b = _ckpt(0), _ckpt(1)
+    half = Checkpoint({n: t.to(torch.bfloat16) for n, t in a.tensors.items()}, "mlp-s", 5, (64,), dataset="digits")
+    z.add([half])
+    z.add([b])
+    for ids, rows in (([half.id, b.id], [half, b]), ([b.id, half.id], [b, half])):
+        got = z.stack(ids)
+        for n in got:
+            assert got[n].dtype == torch.float32, n
+            for row, c in zip(got[n], rows):
+                assert torch.equal(row, c.tensors[n].float()), n  # bf16 -> fp32 is exact
+    assert z.stack([half.id])["fcs.0.weight"].dtype == torch.bfloat16  # one dtype: returned as stored
+    assert z.read_tensor("fcs.1.bias", [b.id, half.id]).abs().max() < 10
+
+
+def test_metadata_is_checked_before_any_write(tmp_path):
+    """metrics {"acc": "high"} used to fail in record() after the segment was written: an orphan."""
+    z = Zoo(str(tmp_path / "zoo"))
+    z.add([_ckpt(0)])
+    before = sorted(p for p in (tmp_path / "zoo").rglob("*") if p.is_file())
+    for bad in ({"metrics": {"acc": "high"}}, {"metrics": {"acc": float("nan")}}, {"tags": 5},
+                {"instructions": 7}, {"step": "x"}, {"train_config": []}):
+        with pytest.raises(ZooError, match="bad_metadata"):
+            z.add([_ckpt(1, **bad)])
+    with pytest.raises(ZooError, match="num_classes"):
+        z.add([Checkpoint(_ckpt(2).tensors, "mlp-s", 1, (64,))])
+    assert sorted(p for p in (tmp_path / "zoo").rglob("*") if p.is_file()) == before
+
+
+def _gc_before_every_commit(monkeypatch, url: str, reports: list):
+    """Run a full gc (min age 0) in another Zoo just before each commit document is written: the
+    moment a live writer's segment exists and is not yet referenced."""
+    import zarr
+
+    real = zarr.Group.create_group
+
+    def create_group(self, name, *a, **k):
+        if "/commits/" in name and not reports[-1:] == ["busy"]:
+            reports.append("busy")
+            try:
+                reports.append(Zoo(url).gc(min_age_s=0))
+            finally:
+                reports.remove("busy")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_group", create_group)
+
+
+def test_gc_at_min_age_0_never_deletes_a_live_writers_segment(tmp_path, monkeypatch):
+    """`zoo gc --min-age 0` in a loop during an ingest left 2,000 listed entries without data."""
+    url = str(tmp_path / "zoo")
+    Zoo(url).add([_ckpt(0)])
+    reports: list = []
+    _gc_before_every_commit(monkeypatch, url, reports)
+    cks = [_ckpt(i) for i in range(1, 4)]
+    Zoo(url).add(cks[:2])
+    Zoo(url).add(cks[2:])
+    monkeypatch.undo()
+    assert len(reports) == 2 and reports == [[], []], "gc ran mid-write and kept the writer's segment"
+    z = Zoo(url, mode="r")
+    for c in cks:
+        got = z.load(c.id)
+        assert all(torch.equal(got[n], c.tensors[n]) for n in got)
+
+
+def test_gc_reclaims_segments_of_dead_writers_only(tmp_path):
+    import subprocess
+    import sys
+
+    from zoo import lease
+    from zoo.store import new_segment_name
+
+    z = Zoo(str(tmp_path / "zoo"))
+    z.add([_ckpt(0)])
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+    held = {"alive": lease.new(), "killed": {**lease.new(), "pid": int(dead_pid)},
+            "stalled": {**lease.new(), "host": "elsewhere", "renewed": 0.0}, "remote": {**lease.new(), "host": "elsewhere"}}
+    segs = {}
+    for what, attrs in held.items():
+        seg = segs[what] = new_segment_name()
+        z.root.create_group(f"collections/mlp-s__k5__64/leases/{seg}", attributes=attrs)
+        z.root.create_group(f"collections/mlp-s__k5__64/segments/{seg}", attributes={})
+    removed = z.gc(min_age_s=0)
+    assert sorted(removed) == sorted(f"mlp-s__k5__64/{segs[w]}" for w in ("killed", "stalled"))
+    left = set(z._list("collections/mlp-s__k5__64/segments"))
+    assert {segs["alive"], segs["remote"]} <= left and not {segs["killed"], segs["stalled"]} & left
+    assert len(z) == 1 and z.load(z.ids()[0])
+
+
+def test_writer_whose_lease_was_reclaimed_does_not_commit(tmp_path, monkeypatch):
+    """If gc judged a stalled writer dead and took its segment, the writer must not publish it."""
+    import zarr
+
+    url = str(tmp_path / "zoo")
+    z = Zoo(url)
+    real = zarr.Group.create_array
+
+    def create_array(self, name, *a, **k):  # mid-write, another process's gc reclaims the lease
+        for key in Zoo(url)._list("collections/mlp-s__k5__64/leases"):
+            if key != "zarr.json":
+                Zoo(url)._delete_prefix(f"collections/mlp-s__k5__64/leases/{key}")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", create_array)
+    with pytest.raises(ZooError, match="lease .* was reclaimed"):
+        z.add([_ckpt(0)])
+    monkeypatch.undo()
+    assert len(Zoo(url, mode="r")) == 0
+
+
+def test_rm_hides_entries_and_gc_reclaims_their_data(tmp_path):
+    url = str(tmp_path / "zoo")
+    z = Zoo(url)
+    a = [_ckpt(i, metrics={"test_acc": 0.5 + 0.1 * i}) for i in range(3)]
+    lone = _ckpt(9)
+    z.add(a)
+    z.add([lone])
+    stale = Zoo(url, mode="r")  # a reader that listed the zoo before rm and gc
+    assert stale.load(a[2].id)
+    assert z.remove([a[1].id[:10], lone.id]) == [a[1].id, lone.id]
+    assert set(z.ids()) == {a[0].id, a[2].id}
+    with pytest.raises(ZooError, match="No checkpoint"):
+        z.get(lone.id)
+    assert z.gc() == []  # the removal is younger than the default min age: nothing reclaimed yet
+    report = __import__("zoo.gc", fromlist=["collect"]).collect(z, min_age_s=0)
+    assert len(report["removed_segments"]) == 2 and len(report["compacted"]) == 1
+    assert len(report["dropped_commits"]) == 2
+    segs = [s for s in z._list("collections/mlp-s__k5__64/segments") if s != "zarr.json"]
+    assert len(segs) == 1, "one compacted segment holds the two entries left"
+    for c in (a[0], a[2]):
+        got = Zoo(url, mode="r").load(c.id)
+        assert all(torch.equal(got[n], c.tensors[n]) for n in got)
+        got = stale.load(c.id)  # re-lists and reads the entry where it is now, never zeros
+        assert all(torch.equal(got[n], c.tensors[n]) for n in got)
+    with pytest.raises(ZooError):
+        stale.load(lone.id)
+    assert z.get(a[2].id)["metrics"] == {"test_acc": pytest.approx(0.7)}  # records survive compaction
+    assert z.add([lone])["ingested"] == [lone.id] and lone.id in Zoo(url, mode="r")  # re-ingest after rm
+
+
+def test_nan_metric_from_an_older_zoo_matches_no_filter_and_reads_as_null(tmp_path, monkeypatch):
+    z = Zoo(str(tmp_path / "zoo"))
+    monkeypatch.setattr(Checkpoint, "problems", lambda self, tensors=True: [])  # as before NaN was refused
+    bad = _ckpt(0, metrics={"test_acc": float("nan")})
+    z.add([bad, _ckpt(1, metrics={"test_acc": 0.9})])
+    monkeypatch.undo()
+    assert len(z.query(metrics=[("test_acc", 0.97, None)])) == 0
+    assert [r["id"] for r in z.query(metrics=[("test_acc", None, 0.95)])] != [bad.id]
+    assert z.get(bad.id)["metrics"] == {"test_acc": None}
+    json.dumps(z.query(), allow_nan=False)
+
+
+def test_a_long_write_renews_its_lease(tmp_path, monkeypatch):
+    """A writer slower than the lease TTL would be judged dead by gc on another host: it renews."""
+    import zarr
+
+    from zoo import lease
+
+    url = str(tmp_path / "zoo")
+    monkeypatch.setattr(lease, "RENEW_S", 0.0)  # renew after every array
+    seen = []
+    real = zarr.Group.create_array
+
+    def create_array(self, name, *a, **k):
+        leases = Zoo(url, mode="r").root["collections/mlp-s__k5__64/leases"]
+        seen.extend(g.attrs["renewed"] for _, g in leases.groups())
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", create_array)
+    Zoo(url).add([_ckpt(0)])
+    assert len(seen) == 4 and seen == sorted(seen) and seen[-1] > seen[0], seen

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 
@@ -30,13 +32,40 @@ def _metric_filter(text: str):
     raise argparse.ArgumentTypeError(f"metric filter must look like NAME>=VALUE or NAME<=VALUE, got {text!r}")
 
 
+def _int_in(lo: int, hi: int | None, what: str):
+    """An argparse type: an integer in lo..hi, checked when the arguments are parsed (before any work)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{what} must be in {lo}..{'' if hi is None else hi}, got {text}")
+        return v
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return v
+
+
+def _dumps(obj, **kw) -> str:
+    return json.dumps(obj, allow_nan=False, **kw)  # NaN is not JSON: strict parsers (jq) refuse it
+
+
 def cmd_zoo_ingest(a) -> int:
     from weightgen.paths import default_zoo
     from zoo.ingest import ingest
 
     s = ingest(a.paths, a.zoo or default_zoo(), arch=a.arch, dataset=a.dataset, tags=a.tag or [],
-               workers=a.workers, show_progress=not a.no_progress)
-    print(json.dumps(s.as_dict(), indent=1) if a.json else s.text())
+               workers=a.workers, show_progress=not a.no_progress, max_bytes=a.max_bytes)
+    print(_dumps(s.as_dict(), indent=1) if a.json else s.text())
     return 1 if s.rejected else 0
 
 
@@ -45,12 +74,16 @@ def cmd_zoo_ls(a) -> int:
 
     recs = open_zoo(a.zoo, mode="r").query(arch=a.arch, dataset=a.dataset, tag=a.tag, metrics=a.metric or [])
     recs = recs[: a.limit] if a.limit else recs
+    if a.jsonl:  # one checkpoint per line: `| head` and `jq` work on any zoo size
+        for r in recs:
+            print(_dumps(r))
+        return 0
     if a.json:
-        print(json.dumps(recs))
+        print(_dumps(recs))
         return 0
     print(f"{'id':14} {'arch':10} {'dataset':28} {'step':>5} {'seed':>5}  metrics")
     for r in recs:
-        m = " ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))
+        m = " ".join(f"{k}={v:.4g}" if v is not None else f"{k}=null" for k, v in sorted(r["metrics"].items()))
         print(f"{r['id'][:12]:14} {r['arch']:10} {r['dataset'][:28]:28} {str(r['step']):>5} {str(r['seed']):>5}  {m}")
     print(f"({len(recs)} checkpoints)")
     return 0
@@ -65,7 +98,16 @@ def cmd_zoo_show(a) -> int:
 
     rec["tensors"] = [{"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                       for t in get_arch(rec["arch"]).tensors(rec["num_classes"], rec["input_shape"])]
-    print(json.dumps(rec, indent=1))
+    print(_dumps(rec, indent=1))
+    return 0
+
+
+def cmd_zoo_rm(a) -> int:
+    from zoo import open_zoo
+
+    removed = open_zoo(a.zoo).remove(a.ids)
+    print(_dumps({"removed": removed, "note": "hidden from every reader now; `weightgen zoo gc` reclaims the data "
+                  "once the removal is --min-age old"}, indent=1))
     return 0
 
 
@@ -88,8 +130,9 @@ def cmd_zoo_stats(a) -> int:
 def cmd_zoo_gc(a) -> int:
     from zoo import open_zoo
 
-    removed = open_zoo(a.zoo).gc(min_age_s=a.min_age)
-    print(json.dumps({"removed_segments": removed}))
+    from zoo.gc import collect
+
+    print(_dumps(collect(open_zoo(a.zoo), min_age_s=a.min_age), indent=1))
     return 0
 
 
@@ -116,12 +159,15 @@ def default_out(a) -> str:
 
 
 def cmd_sample(a) -> int:
+    from weightgen.outputs import check_out_dir
     from weightgen.sampling import sample, write
 
+    out_dir = a.out or default_out(a)
+    check_out_dir(out_dir)  # an unusable --out fails now, not after sampling
     res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
                  instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty, head=a.head,
                  support_per_class=a.support_per_class)
-    out = write(res, a.out or default_out(a))
+    out = write(res, out_dir)
     m = res.manifest
     for w in m["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -165,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", help="architecture (default: from each checkpoint's config)")
     s.add_argument("--dataset", help="dataset the checkpoints were trained on (default: from their config)")
     s.add_argument("--tag", action="append", help="tag every ingested checkpoint (repeatable)")
-    s.add_argument("--workers", type=int, default=1, help="N > 1 runs a Ray batch job with N workers")
+    s.add_argument("--workers", type=_int_in(1, None, "--workers"), default=1, help="N > 1 runs a Ray batch job with N workers")
+    s.add_argument("--max-bytes", type=_int_in(1, None, "--max-bytes"), default=None,
+                   help="refuse a file that declares more data than this (default: $WEIGHTGEN_MAX_CHECKPOINT_BYTES, "
+                        "else 4x the arch's size + 64 MiB); checked from its header before any data is read")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_zoo_ingest)
@@ -176,14 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", help="exact name, or a prefix ending in '*'")
     s.add_argument("--tag")
     s.add_argument("--metric", action="append", type=_metric_filter, help="e.g. test_acc>=0.9 (repeatable)")
-    s.add_argument("--limit", type=int, default=0)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=_int_in(0, None, "--limit"), default=0, help="at most this many (0: all)")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON array")
+    out.add_argument("--jsonl", action="store_true", help="one JSON object per line")
     s.set_defaults(fn=cmd_zoo_ls)
 
     s = zp.add_parser("show", help="one checkpoint's record and tensor list")
     s.add_argument("id")
     _zoo_arg(s)
     s.set_defaults(fn=cmd_zoo_show)
+
+    s = zp.add_parser("rm", help="hide checkpoints from every reader (one commit); `zoo gc` reclaims their data")
+    s.add_argument("ids", nargs="+", metavar="ID", help="checkpoint id or a unique prefix of >= 8 hex digits")
+    _zoo_arg(s)
+    s.set_defaults(fn=cmd_zoo_rm)
 
     s = zp.add_parser("export", help="write DIR/model.safetensors (bit-exact) + DIR/config.json")
     s.add_argument("id")
@@ -195,9 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     _zoo_arg(s)
     s.set_defaults(fn=cmd_zoo_stats)
 
-    s = zp.add_parser("gc", help="delete segments that no commit references (left by killed writers)")
+    s = zp.add_parser("gc", help="delete data no entry needs: segments of killed writers, removed entries")
     _zoo_arg(s)
-    s.add_argument("--min-age", type=float, default=3600.0, help="only segments older than this many seconds")
+    s.add_argument("--min-age", type=_seconds, default=3600.0,
+                   help="only what has been garbage this many seconds (default 3600). Segments a live writer holds a "
+                        "lease on are kept at any age, 0 included; the age protects writers of weightgen versions "
+                        "without leases, and readers that listed the zoo before a `zoo rm`")
     s.set_defaults(fn=cmd_zoo_gc)
 
     s = zp.add_parser("build", help="train a population of models at once (vectorized) and ingest it")
@@ -221,17 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, help="registry name (digits:classes=3,1,4) or npz:PATH / folder:PATH")
     s.add_argument("--generator", help="trained generator name or directory (default: the one for this arch)")
     s.add_argument("--instruction", help="a text instruction (used by instruction-conditioned generators)")
-    s.add_argument("--n", type=int, default=8, help="candidates to sample")
+    s.add_argument("--n", type=_int_in(1, 4096, "--n"), default=8, help="candidates to sample")
     s.add_argument("--select", choices=["best", "none"], default="best",
                    help="best: keep the candidate with the best support-set accuracy; none: the first one")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_int_in(0, 2**63 - 1, "--seed"), default=0)
     s.add_argument("--head", choices=["fit", "generated"], default="fit",
                    help="fit (default): a closed-form head fitted on your data's class statistics under the generated "
                         "backbone, declared in the manifest; generated: the generator's own head")
-    s.add_argument("--support-per-class", type=int, default=256, metavar="N",
+    s.add_argument("--support-per-class", type=_int_in(1, None, "--support-per-class"), default=256, metavar="N",
                    help="use up to N labelled examples per class to condition, fit and select (default 256); "
                         "the rest, or a fifth set aside, estimates accuracy")
-    s.add_argument("--refine", type=int, default=0, metavar="K",
+    s.add_argument("--refine", type=_int_in(0, None, "--refine"), default=0, metavar="K",
                    help="K gradient steps on the support set after sampling (off by default; declared in the manifest)")
     s.add_argument("--no-novelty", action="store_true", help="skip the novelty check against the zoo")
     s.add_argument("--out", help="output directory (default: $WEIGHTGEN_HOME/samples/ARCH_DATASET_seedSEED)")
@@ -265,15 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from weightgen.archs import ShapeError
     from weightgen.data import DatasetError
+    from weightgen.outputs import OutputError
     from weightgen.registry import UnknownNameError
     from weightgen.sampling import NoGeneratorError
     from zoo.store import ZooError
 
     try:
-        return int(args.fn(args) or 0)
-    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError) as e:
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler
+        return rc
+    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `weightgen zoo ls | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -100,14 +100,30 @@ def _threads(n: int | None):
 # --------------------------------------------------------------------------- tasks
 
 
+def _class_set(name: str):
+    """``digits:classes=4,2,8`` -> ("digits", {2, 4, 8}); None for a name without a class list."""
+    kind, _, args = name.partition(":")
+    if not args.startswith("classes=") or ";" in args:
+        return None
+    try:
+        return kind, frozenset(int(c) for c in args.removeprefix("classes=").split(","))
+    except ValueError:
+        return None
+
+
 def check_heldout(tasks: dict[str, list[str]], zoo_tasks, generator_tasks: dict[str, set]) -> None:
+    """A ``tuple`` task must not be in the zoo or a generator's training tasks; a ``set`` task's
+    class *set* must not be there in any order (comparing names missed ``4,3,2,1,0`` vs ``0,1,2,3,4``)."""
+    pools = {"in the zoo": set(zoo_tasks), **{f"a training task of generator {g!r}": set(seen)
+                                              for g, seen in generator_tasks.items()}}
+    sets = {where: {_class_set(p) for p in pool} - {None} for where, pool in pools.items()}
     for kind, names in tasks.items():
         for t in names:
-            if t in set(zoo_tasks):
-                raise HeldOutLeak(f"held-out {kind} task {t!r} is in the zoo")
-            for g, seen in generator_tasks.items():
-                if t in seen:
-                    raise HeldOutLeak(f"held-out {kind} task {t!r} is a training task of generator {g!r}")
+            for where, pool in pools.items():
+                if t in pool:
+                    raise HeldOutLeak(f"held-out {kind} task {t!r} is {where}")
+                if kind == "set" and _class_set(t) in sets[where]:
+                    raise HeldOutLeak(f"held-out set task {t!r} has the class set of a task that is {where}")
 
 
 def shift_task(task: TaskData, pixels: int = 1) -> TaskData:

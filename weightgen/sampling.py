@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from weightgen import __version__
 from weightgen.archs import get_arch, model_config
@@ -204,6 +204,8 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
     spec.check_input(task.input_shape)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= seed < 2**63:  # what torch.Generator.manual_seed takes (and the HTTP API's range)
+        raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed}")
     if select not in ("best", "none"):
         raise ValueError(f"select must be 'best' or 'none', got {select!r}")
     if isinstance(generator, LoadedGenerator):
@@ -270,19 +272,21 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
 
 def write(result: SampleResult, out_dir: str | Path) -> Path:
     """DIR/model.safetensors (config in its metadata, no timestamps: same seed, same bytes),
-    DIR/config.json and DIR/manifest.json (with the sha256 of model.safetensors)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    DIR/config.json and DIR/manifest.json (with the sha256 of model.safetensors), each written
+    whole through a temp file and never through an existing symlink (``weightgen.outputs``)."""
+    from safetensors.torch import save
+
+    from weightgen.outputs import make_out_dir, write_file
+
+    out = make_out_dir(out_dir)
     # one metadata key: safetensors stores metadata in a hash map, so several keys come out in random order
     meta = {"weightgen": json.dumps({**result.config, "generator": result.manifest["generator"],
                                      "seed": result.manifest["seed"]}, sort_keys=True)}
-    tmp = out / ".model.safetensors.partial"
-    save_file(result.state_dict, str(tmp), metadata=meta)
-    tmp.replace(out / "model.safetensors")
-    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    result.manifest["sha256"] = digest
-    (out / "config.json").write_text(json.dumps(result.config, indent=1))
-    (out / "manifest.json").write_text(json.dumps(result.manifest, indent=1))
+    data = save(result.state_dict, metadata=meta)
+    write_file(out / "model.safetensors", data)
+    result.manifest["sha256"] = hashlib.sha256(data).hexdigest()
+    write_file(out / "config.json", json.dumps(result.config, indent=1).encode())
+    write_file(out / "manifest.json", json.dumps(result.manifest, indent=1).encode())
     return out
 
 

@@ -4,7 +4,9 @@ Layout (one root, local directory or any fsspec URL such as ``s3://bucket/zoo``)
 
     collections/<arch>__k<K>__<input shape>/          one per architecture *shape*
         segments/<seg>/<tensor name>                  (rows, *shape) arrays, rows = checkpoints
-        commits/<commit>/zarr.json                    attrs: {"segment": seg, "records": [...]}
+        commits/<commit>/zarr.json                    attrs: {"segment": seg, "records": [...]},
+                                                      or {"removed": [ids]} (``zoo rm``)
+        leases/<seg>/zarr.json                        held by the writer of <seg> until it commits
 
 Why this shape: stacked rows write ~100x faster than a group per checkpoint and read one tensor
 across many checkpoints in one request. Writers never touch each other's keys: each ingestion
@@ -13,131 +15,34 @@ write: temp file + rename locally, one PUT on object stores). Readers only see r
 commit, so a writer killed at any moment leaves no half-written entry visible, and two writers
 at once lose nothing. The same content always hashes to the same id; if two writers race on the
 same checkpoint, the earliest commit wins on read and the other row is unreferenced garbage
-(``Zoo.gc`` deletes unreferenced segments once they are old enough not to be in flight).
+(``Zoo.gc`` reclaims it, see ``zoo.gc``).
+
+Writers hold a *lease* (``collections/<cid>/leases/<seg>``) from before their segment exists
+until after its commit, so ``gc`` never deletes data a live writer is about to publish, whatever
+``--min-age`` says (``zoo.gc`` has the protocol and why it is race-free). Mixed dtypes: rows keep
+the dtype they were ingested in; ``stack`` converts each segment's rows by its stored dtype to
+the promoted dtype (bf16 + fp32 -> fp32), never reinterpreting one dtype's bits as another's.
 """
 from __future__ import annotations
 
 import hashlib
 import time
-import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from functools import reduce
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
-from weightgen.archs import get_arch
+from zoo import lease
+from zoo.records import (Checkpoint, ZooError, checkpoint_id, collection_id, dtype_name, from_numpy,  # noqa: F401
+                         new_segment_name, public, to_numpy)
+from zoo.validate import validate_tensors  # noqa: F401  (re-exported: zoo.validate_tensors)
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 4 << 20  # inner chunk target: big enough for throughput, small enough for lazy reads
-RECORD_FIELDS = ("id", "arch", "dataset", "num_classes", "input_shape", "seed", "run_id", "step", "train_config",
-                 "metrics", "tags", "instructions", "source", "created_at", "dtypes")
-
-_NP_DTYPES = {  # torch dtype -> (numpy storage dtype, logical name)
-    torch.float32: ("float32", "float32"), torch.float64: ("float64", "float64"), torch.float16: ("float16", "float16"),
-    torch.bfloat16: ("uint16", "bfloat16"),  # Zarr has no bf16: stored as its bit pattern
-    torch.int64: ("int64", "int64"), torch.int32: ("int32", "int32"), torch.uint8: ("uint8", "uint8"),
-    torch.bool: ("bool", "bool"),
-}
-_TORCH_DTYPES = {logical: dt for dt, (_, logical) in _NP_DTYPES.items()}
-
-
-class ZooError(ValueError):
-    """A zoo request that cannot be served (unknown id, ambiguous prefix, bad URL, ...)."""
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    if dt not in _NP_DTYPES:
-        raise ZooError(f"dtype {dt} cannot be stored; supported: {', '.join(_TORCH_DTYPES)}")
-    return _NP_DTYPES[dt][1]
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
-def from_numpy(a: np.ndarray, logical: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if logical == "bfloat16" else t
-
-
-def checkpoint_id(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor in name order: same content, same id,
-    whatever file format it came in."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{dtype_name(t.dtype)}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def collection_id(arch: str, num_classes: int, input_shape) -> str:
-    return f"{arch}__k{int(num_classes)}__{'x'.join(str(int(s)) for s in input_shape)}"
-
-
-@dataclass
-class Checkpoint:
-    """Tensors plus the metadata one zoo record carries; ``id`` is derived from the tensors."""
-
-    tensors: dict[str, torch.Tensor]
-    arch: str
-    num_classes: int
-    input_shape: tuple[int, ...]
-    dataset: str = ""
-    seed: int | None = None
-    run_id: str | None = None
-    step: int | None = None
-    train_config: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    tags: list[str] = field(default_factory=list)
-    instructions: list[str] = field(default_factory=list)
-    source: str = ""
-
-    def __post_init__(self):
-        self.input_shape = tuple(int(s) for s in self.input_shape)
-        self.id = checkpoint_id(self.tensors)
-
-    def record(self) -> dict:
-        return {
-            "id": self.id, "arch": self.arch, "dataset": self.dataset, "num_classes": int(self.num_classes),
-            "input_shape": list(self.input_shape), "seed": self.seed, "run_id": self.run_id, "step": self.step,
-            "train_config": self.train_config, "metrics": {k: float(v) for k, v in self.metrics.items()},
-            "tags": list(self.tags), "instructions": list(self.instructions), "source": self.source,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dtypes": sorted({dtype_name(t.dtype) for t in self.tensors.values()}),
-        }
-
-
-def validate_tensors(tensors: dict[str, torch.Tensor], arch: str, num_classes: int, input_shape) -> list[tuple[str, str]]:
-    """Every way ``tensors`` fails to be a checkpoint of this arch, as (reason, detail) pairs.
-
-    Names must match the arch's state-dict keys exactly; shapes must match; floating tensors must
-    be a floating dtype and finite; integer buffers keep their integer dtype."""
-    spec = {t.name: t for t in get_arch(arch).tensors(num_classes, input_shape)}
-    problems = []
-    missing = sorted(set(spec) - set(tensors))
-    extra = sorted(set(tensors) - set(spec))
-    if missing:
-        problems.append(("missing_keys", f"{len(missing)} missing, e.g. {missing[:3]}"))
-    if extra:
-        problems.append(("unexpected_keys", f"{len(extra)} unexpected, e.g. {extra[:3]}"))
-    for name in sorted(set(spec) & set(tensors)):
-        t, s = tensors[name], spec[name]
-        if not isinstance(t, torch.Tensor):
-            problems.append(("not_a_tensor", f"{name} is {type(t).__name__}"))
-            continue
-        if tuple(t.shape) != s.shape:
-            problems.append(("shape_mismatch", f"{name}: expected {list(s.shape)}, got {list(t.shape)}"))
-        if s.dtype.is_floating_point != t.dtype.is_floating_point or t.dtype not in _NP_DTYPES:
-            problems.append(("bad_dtype", f"{name}: expected {s.dtype}, got {t.dtype}"))
-        elif t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-            problems.append(("non_finite", f"{name} contains NaN or Inf"))
-    return problems
 
 
 def _open_root(url: str, mode: str, storage_options: dict | None):
@@ -171,6 +76,7 @@ class Zoo:
             self.root.attrs["format_version"] = FORMAT_VERSION
         self._records: dict[str, dict] | None = None
         self._commits: list[str] = []
+        self._docs: list[tuple[str, str, dict]] = []  # (collection, commit name, commit attrs)
         self._segments: dict[tuple[str, str], Any] = {}
         self._arrays: dict[tuple[str, str, str], Any] = {}
 
@@ -180,22 +86,26 @@ class Zoo:
         self._records = None
 
     def _load(self) -> dict[str, dict]:
+        """id -> record of every visible entry. Commits apply in time order (their names start with
+        the writer's clock): the first commit of an id wins, and a removal (``zoo rm``) hides the id
+        from every earlier commit, so re-ingesting it later makes it visible again."""
         if self._records is not None:
             return self._records
-        recs: dict[str, dict] = {}
-        commits = []
+        docs = []
         coll_root = self.root.get("collections")
         for cid in sorted(coll_root.group_keys()) if coll_root is not None else []:
             cgroup = coll_root.get(f"{cid}/commits")
-            if cgroup is None:
-                continue
-            for name, g in sorted(cgroup.groups(), key=lambda kv: kv[0]):  # oldest first: first commit wins
-                attrs = g.attrs.asdict()
-                commits.append(f"{cid}/{name}")
-                for row, r in enumerate(attrs.get("records", [])):
-                    if r["id"] not in recs:
-                        recs[r["id"]] = {**r, "_loc": (cid, attrs["segment"], row)}
-        self._records, self._commits = recs, commits
+            for name, g in sorted(cgroup.groups(), key=lambda kv: kv[0]) if cgroup is not None else []:
+                docs.append((cid, name, g.attrs.asdict()))
+        recs: dict[str, dict] = {}
+        for cid, name, attrs in sorted(docs, key=lambda d: (d[1], d[0])):
+            for ckpt_id in attrs.get("removed", []):
+                recs.pop(ckpt_id, None)
+            for row, r in enumerate(attrs.get("records", [])):
+                if r["id"] not in recs:
+                    recs[r["id"]] = {**r, "_loc": (cid, attrs["segment"], row)}
+        self._records, self._docs = recs, docs
+        self._commits = [f"{cid}/{name}" for cid, name, _ in docs]  # snapshot order: collection, then name
         return recs
 
     def __len__(self) -> int:
@@ -224,7 +134,8 @@ class Zoo:
             ok = True
             for name, lo, hi in metrics:
                 v = r["metrics"].get(name)
-                if v is None or (lo is not None and v < lo) or (hi is not None and v > hi):
+                # NaN compares False both ways: an entry ingested before NaN was refused matches nothing
+                if not isinstance(v, (int, float)) or v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
                     ok = False
                     break
             if ok:
@@ -278,24 +189,63 @@ class Zoo:
             self._arrays[key] = self._segment(cid, seg)[name]
         return self._arrays[key]
 
+    def _exists(self, key: str) -> bool:
+        return sync((self.root.store_path / key).exists())
+
+    def _still_there(self, cid: str, seg: str) -> bool:
+        """Checked *after* a read: gc deletes a segment's zarr.json before its chunks, so if it is
+        still there, every chunk read before it was intact (a deleted chunk reads as zeros)."""
+        return self._exists(f"collections/{cid}/segments/{seg}/zarr.json")
+
+    def _forget(self) -> None:
+        self._segments.clear()
+        self._arrays.clear()
+        self.refresh()
+
+    def _read(self, what: str, read):
+        """``read()`` -> (result, segments read); retried once on a fresh listing when a segment
+        went away (gc compacted or reclaimed it after this reader listed the zoo)."""
+        for _ in range(2):
+            try:
+                out, segs = read()
+                if all(self._still_there(cid, seg) for cid, seg in segs):
+                    return out
+            except (KeyError, FileNotFoundError):
+                pass
+            self._forget()
+        raise ZooError(f"{what}: its data is gone from {self.url} (removed and reclaimed by gc while being read?)")
+
     def load(self, ckpt_id: str, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """One checkpoint's tensors, bit-exact as ingested (lazy: only ``keys`` are read)."""
-        r = self._resolve(ckpt_id)
-        cid, seg, row = r["_loc"]
-        g = self._segment(cid, seg)
-        meta = g.attrs["tensors"]
-        names = list(meta) if keys is None else list(keys)
-        return {n: from_numpy(self._array(cid, seg, n)[row], meta[n]["dtype"]) for n in names}
+        keys = None if keys is None else list(keys)
+
+        def read():
+            cid, seg, row = self._resolve(ckpt_id)["_loc"]
+            meta = self._segment(cid, seg).attrs["tensors"]
+            unknown = sorted(set(keys or ()) - set(meta))
+            if unknown:
+                raise ZooError(f"checkpoint {ckpt_id} has no tensors {unknown[:5]}; it has {list(meta)[:10]}")
+            names = list(meta) if keys is None else keys
+            return {n: from_numpy(self._array(cid, seg, n)[row], meta[n]["dtype"]) for n in names}, [(cid, seg)]
+
+        return self._read(f"checkpoint {ckpt_id}", read)
 
     def read_tensor(self, name: str, ids: list[str]) -> torch.Tensor:
         """One tensor across many checkpoints, stacked (len(ids), *shape); one read per segment."""
         return self.stack(ids, [name])[name]
 
     def stack(self, ids: list[str], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors of many same-shape checkpoints, stacked along a new first axis in ``ids`` order."""
-        recs = [self._resolve(i) for i in ids]
-        if not recs:
+        """Tensors of many same-shape checkpoints, stacked along a new first axis in ``ids`` order.
+
+        Each segment's rows are converted by the dtype they were stored in; rows of different
+        dtypes come back in the promoted dtype (bf16 + fp32 -> fp32, exact)."""
+        if not ids:
             raise ZooError("stack() needs at least one checkpoint id")
+        keys = None if keys is None else list(keys)
+        return self._read(f"stack of {len(ids)} checkpoints", lambda: self._stack(ids, keys))
+
+    def _stack(self, ids: list[str], keys: list[str] | None):
+        recs = [self._resolve(i) for i in ids]
         colls = {r["_loc"][0] for r in recs}
         if len(colls) > 1:
             raise ZooError(f"stack() needs checkpoints of one architecture shape, got {sorted(colls)}")
@@ -303,8 +253,11 @@ class Zoo:
         for pos, r in enumerate(recs):
             by_seg.setdefault(r["_loc"][1], []).append((pos, r["_loc"][2]))
         cid = recs[0]["_loc"][0]
-        first = self._segment(cid, next(iter(by_seg)))
-        names = list(first.attrs["tensors"]) if keys is None else list(keys)
+        metas = {seg: self._segment(cid, seg).attrs["tensors"] for seg in by_seg}
+        names = list(next(iter(metas.values()))) if keys is None else keys
+        unknown = sorted({n for n in names for m in metas.values() if n not in m})
+        if unknown:
+            raise ZooError(f"no tensors {unknown[:5]} in these checkpoints")
         out = {}
         for n in names:
             parts = []
@@ -319,29 +272,29 @@ class Zoo:
                     block = arr[lo:hi][rows - lo]
                 else:
                     block = arr.get_orthogonal_selection((rows,))
-                parts.append((pos, block))
-            logical = first.attrs["tensors"][n]["dtype"]
+                parts.append((pos, from_numpy(block, metas[seg][n]["dtype"])))  # by *this* segment's dtype
+            dtype = reduce(torch.promote_types, (t.dtype for _, t in parts))
             if len(parts) == 1 and (parts[0][0] == np.arange(len(recs))).all():
-                out[n] = from_numpy(parts[0][1], logical)  # one segment, asked in row order
+                out[n] = parts[0][1]  # one segment, asked in row order
                 continue
-            full = np.empty((len(recs), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
-            for pos, block in parts:
-                full[pos] = block
-            out[n] = from_numpy(full, logical)
-        return out
+            full = torch.empty((len(recs), *parts[0][1].shape[1:]), dtype=dtype)
+            for pos, t in parts:
+                full[torch.from_numpy(pos)] = t.to(dtype)
+            out[n] = full
+        return out, [(cid, seg) for seg in by_seg]
 
     # ------------------------------------------------------------------ writes
 
     def add(self, checkpoints: list[Checkpoint], *, validate: bool = True) -> dict[str, list[str]]:
         """Store checkpoints; returns {"ingested": ids, "duplicate": ids}. All-or-nothing per segment:
-        nothing is visible until its commit is written, and invalid input raises before any write."""
+        nothing is visible until its commit is written, and invalid input raises before any write
+        (metadata is always checked; tensors too unless ``validate=False``, for callers that did)."""
         if self.read_only:
             raise ZooError(f"Zoo {self.url} is open read-only")
-        if validate:
-            for c in checkpoints:
-                problems = validate_tensors(c.tensors, c.arch, c.num_classes, c.input_shape)
-                if problems:
-                    raise ZooError(f"checkpoint {c.source or c.id[:12]} is not a valid {c.arch}: {problems}")
+        for c in checkpoints:
+            problems = c.problems(tensors=validate)
+            if problems:
+                raise ZooError(f"checkpoint {c.source or c.id[:12]} is not a valid {c.arch}: {problems}")
         self.refresh()
         known = self._load()
         fresh, dup, seen = [], [], set()
@@ -358,51 +311,76 @@ class Zoo:
         return {"ingested": [c.id for c in fresh], "duplicate": [c.id for c in dup]}
 
     def _write_segment(self, cid: str, group: list[Checkpoint]) -> None:
-        seg = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         first = group[0]
-        tensors = {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in first.tensors.items()}
-        g = self.root.create_group(f"collections/{cid}/segments/{seg}", attributes={
-            "arch": first.arch, "num_classes": first.num_classes, "input_shape": list(first.input_shape),
-            "rows": len(group), "tensors": tensors})
-        for n, t in first.tensors.items():
-            data = np.stack([to_numpy(c.tensors[n]) for c in group])
-            rows = _chunk_rows(len(group), data[0].nbytes)
-            arr = g.create_array(n, shape=data.shape, dtype=data.dtype, chunks=(rows, *data.shape[1:]),
-                                 compressors=None, fill_value=0)
-            arr[...] = data
-        records = [c.record() for c in group]
-        # The commit: one document, written last. Until it exists the segment is invisible.
+        records = [c.record() for c in group]  # before any write: a bad value fails here, not after the data
+        attrs = {"arch": first.arch, "num_classes": first.num_classes, "input_shape": list(first.input_shape),
+                 "rows": len(group),
+                 "tensors": {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in first.tensors.items()}}
+        arrays = ((n, np.stack([to_numpy(c.tensors[n]) for c in group])) for n in first.tensors)  # one at a time
+        self._write_rows(cid, new_segment_name(), attrs, arrays, records)
+
+    def _write_rows(self, cid: str, seg: str, attrs: dict, arrays, records: list[dict]) -> None:
+        """Lease, segment, commit, release: the write protocol ``zoo.gc`` relies on."""
+        lease_key = f"collections/{cid}/leases/{seg}"
+        held = lease.new()
+        self.root.create_group(lease_key, attributes=held)  # 1. before the segment exists
         try:
-            self.root.create_group(f"collections/{cid}/commits/{seg}", attributes={"segment": seg, "records": records})
-        except ContainsGroupError:  # pragma: no cover - name has a random part
-            raise ZooError(f"commit {seg} already exists") from None
+            g = self.root.create_group(f"collections/{cid}/segments/{seg}", attributes=attrs)  # 2. the data
+            for n, data in arrays:
+                rows = _chunk_rows(len(data), data[0].nbytes)
+                arr = g.create_array(n, shape=data.shape, dtype=data.dtype, chunks=(rows, *data.shape[1:]),
+                                     compressors=None, fill_value=0)
+                arr[...] = data
+                if lease.due(held):
+                    self.root[lease_key].attrs.update(lease.renew(held))
+            if not self._exists(f"{lease_key}/zarr.json"):  # 3. gc judged this writer dead: do not publish
+                raise ZooError(f"the lease of segment {cid}/{seg} was reclaimed by gc while it was written "
+                               f"(stalled longer than the lease TTL?); nothing was committed: run again")
+            # 4. The commit: one document, written last. Until it exists the segment is invisible.
+            try:
+                self.root.create_group(f"collections/{cid}/commits/{seg}", attributes={
+                    "segment": seg, "records": records, "committed_at": time.time()})
+            except ContainsGroupError:  # pragma: no cover - name has a random part
+                raise ZooError(f"commit {seg} already exists") from None
+        finally:
+            self._delete_prefix(lease_key)  # 5. (a failed write leaves an unleased orphan for gc)
 
-    def gc(self, min_age_s: float = 3600.0) -> list[str]:
-        """Delete segments no commit references and older than ``min_age_s`` (younger ones may be in
-        flight in another writer). Returns the deleted segment paths."""
-        if self.read_only:
-            raise ZooError(f"Zoo {self.url} is open read-only")
-        self.refresh()
-        self._load()
-        referenced = {(r["_loc"][0], r["_loc"][1]) for r in self._records.values()}
-        coll_root = self.root.get("collections")
-        removed = []
-        now = time.time_ns()
-        for cid in list(coll_root.group_keys()) if coll_root is not None else []:
-            segs = coll_root.get(f"{cid}/segments")
-            commits = coll_root.get(f"{cid}/commits")
-            committed = {g.attrs["segment"] for _, g in commits.groups()} if commits is not None else set()
-            for seg in list(segs.group_keys()) if segs is not None else []:
-                age_s = (now - int(seg.split("-")[0])) / 1e9
-                if seg not in committed and (cid, seg) not in referenced and age_s >= min_age_s:
-                    del segs[seg]
-                    removed.append(f"{cid}/{seg}")
-        return removed
+    # store-level helpers: they work on keys whether or not Zarr still sees a group there
+    def _list(self, key: str) -> list[str]:
+        prefix = f"{self.root.store_path.path}/{key}".strip("/")
 
+        async def ls():
+            return [x async for x in self.root.store.list_dir(prefix)]
 
-def public(r: dict) -> dict:
-    """A record without internal fields, in a stable field order."""
-    return {k: r.get(k) for k in RECORD_FIELDS}
+        try:
+            return sync(ls())
+        except FileNotFoundError:
+            return []
+
+    def _delete_key(self, key: str) -> None:
+        try:
+            sync((self.root.store_path / key).delete())
+        except FileNotFoundError:
+            pass
+
+    def _delete_prefix(self, key: str) -> None:
+        try:
+            sync((self.root.store_path / key).delete_dir())
+        except FileNotFoundError:
+            pass
+
+    def remove(self, ids: Iterable[str]) -> list[str]:
+        """Hide checkpoints (``weightgen zoo rm``): one commit per collection that lists them as
+        removed. Nothing is deleted here; ``gc`` reclaims their data later. Returns full ids."""
+        from zoo.gc import remove
+
+        return remove(self, ids)
+
+    def gc(self, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) -> list[str]:
+        """Reclaim what no visible entry needs (see ``zoo.gc``); returns the deleted segment paths."""
+        from zoo.gc import collect
+
+        return collect(self, min_age_s, lease_ttl_s)["removed_segments"]
 
 
 def open_zoo(url: str | None = None, mode: str = "a", storage_options: dict | None = None) -> Zoo:

@@ -147,15 +147,20 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def select_classes(task: TaskData, classes: list[int], name: str) -> TaskData:
-    """The ordered class-subset task: label i = the i-th listed class of ``task``."""
+def check_classes(classes: list[int], num_classes: int, name: str) -> None:
+    """A class subset must name at least 2 distinct classes of the base dataset."""
     if len(classes) < 2:
         raise DatasetError(f"{name}: a class subset needs at least 2 classes, got {classes}")
     if len(set(classes)) != len(classes):
         raise DatasetError(f"{name}: classes must be distinct, got {classes}")
-    bad = [c for c in classes if not 0 <= c < task.num_classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise DatasetError(f"{name}: classes {bad} are not in 0..{task.num_classes - 1}")
+        raise DatasetError(f"{name}: classes {bad} are not in 0..{num_classes - 1}")
+
+
+def select_classes(task: TaskData, classes: list[int], name: str) -> TaskData:
+    """The ordered class-subset task: label i = the i-th listed class of ``task``."""
+    check_classes(classes, task.num_classes, name)
     lut = torch.full((task.num_classes,), -1, dtype=torch.long)
     lut[torch.tensor(classes)] = torch.arange(len(classes))
 
@@ -210,14 +215,17 @@ KNOWN_SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {
 
 
 def dataset_shape(name: str) -> tuple[int, tuple[int, ...]]:
-    """(num_classes, input_shape) of a dataset name, reading the data only when it must."""
+    """(num_classes, input_shape) of a dataset name, reading the data only when it must (and
+    refusing the class lists ``load_dataset`` would refuse: ``digits:classes=0`` has one class)."""
     kind, args = split_name(name)
     if kind in KNOWN_SHAPES:
         k, shape = KNOWN_SHAPES[kind]
         for part in args.split(";") if args else []:
             key, _, value = part.partition("=")
             if key == "classes":
-                k = len(parse_classes(value, name))
+                classes = parse_classes(value, name)
+                check_classes(classes, k, name)
+                k = len(classes)
         return k, shape
     task = load_dataset(name)
     return task.num_classes, task.input_shape

@@ -1,0 +1,152 @@
+"""Reclaiming space without losing an entry: ``weightgen zoo rm`` and ``weightgen zoo gc``.
+
+**Why gc is safe at any ``--min-age``.** A writer (``Zoo._write_rows``) creates its lease, then
+its segment, then its commit, then releases the lease. ``collect`` lists, per zoo, all segments,
+then all leases, then all commits, in that order. Take a segment it listed: its lease was created
+before it, so when the leases are listed the lease is either there — and the segment is kept
+while ``zoo.lease.dead`` cannot prove the writer dead — or already released, which a writer does
+only after writing the commit, which the commit listing that follows then sees. So a segment
+with neither a lease nor a commit belongs to a writer that died. (Before leases existed,
+``gc --min-age 0`` deleted segments of live writers: 2,000 listed entries lost their data while
+an ingest ran.) ``min_age_s`` still applies, for writers of versions without leases, and is the
+grace period a reader that listed the zoo earlier gets before removed entries' data goes.
+
+**Removal.** ``remove`` writes a commit ``{"removed": [ids]}``; readers apply commits in time
+order, so it hides those ids from every earlier commit. ``collect`` then drops a commit none of
+whose rows is visible (removed, or a duplicate of an id another commit holds) once the events
+that hid them are ``min_age_s`` old; a commit with some visible rows left is compacted first:
+those rows are copied, under the same lease protocol, into a new segment named with the old
+one's time, so commit order and "first commit wins" do not change.
+
+**Deleting a segment** removes its ``zarr.json`` first, then the chunks. A reader checks that
+``zarr.json`` after reading (a missing chunk reads as zeros in Zarr), so it never returns data
+from a half-deleted segment: it re-lists the zoo and reads the entry where it is now.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+import numpy as np
+
+from zoo import lease
+from zoo.records import ZooError, new_segment_name
+
+
+def _time(name: str) -> float | None:
+    """Seconds since the epoch from a segment or commit name (``<20-digit ns>-<random>``)."""
+    head = name.split("-", 1)[0]
+    return int(head) / 1e9 if len(head) == 20 and head.isdigit() else None
+
+
+def remove(zoo, ids: Iterable[str]) -> list[str]:
+    """Hide checkpoints from every reader; nothing is deleted (``collect`` reclaims it later)."""
+    if zoo.read_only:
+        raise ZooError(f"Zoo {zoo.url} is open read-only")
+    zoo.refresh()
+    recs = [zoo._resolve(i) for i in ids]  # an unknown id fails before anything is written
+    by_coll: dict[str, set[str]] = {}
+    for r in recs:
+        by_coll.setdefault(r["_loc"][0], set()).add(r["id"])
+    name = new_segment_name()
+    for cid, hidden in sorted(by_coll.items()):
+        zoo.root.create_group(f"collections/{cid}/commits/{name}", attributes={
+            "segment": None, "records": [], "removed": sorted(hidden), "committed_at": time.time()})
+    zoo.refresh()
+    return list(dict.fromkeys(r["id"] for r in recs))
+
+
+def _lease_attrs(zoo, cid: str, seg: str) -> dict:
+    try:
+        return zoo.root[f"collections/{cid}/leases/{seg}"].attrs.asdict()
+    except Exception:  # noqa: BLE001 - half-written or vanished: judged by the segment's age instead
+        return {}
+
+
+def _delete_segment(zoo, cid: str, seg: str) -> None:
+    base = f"collections/{cid}/segments/{seg}"
+    zoo._delete_key(f"{base}/zarr.json")  # first: readers check it after reading
+    zoo._delete_prefix(base)
+
+
+def _compact(zoo, cid: str, seg: str, attrs: dict, alive: list[int]) -> str:
+    """Copy the visible rows of a commit into a new segment + commit (old name time, new suffix)."""
+    g = zoo.root[f"collections/{cid}/segments/{seg}"]
+    meta = g.attrs.asdict()
+    rows = np.array(alive)
+    arrays = ((n, g[n].get_orthogonal_selection((rows,))) for n in meta["tensors"])  # storage dtype, bit-exact
+    new = new_segment_name(int(seg.split("-", 1)[0]))
+    zoo._write_rows(cid, new, {**meta, "rows": len(alive)}, arrays, [attrs["records"][i] for i in alive])
+    return new
+
+
+def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) -> dict:
+    """Delete what no visible entry needs; see the module docstring for why this never loses one.
+
+    Returns ``{"removed_segments", "dropped_commits", "compacted", "kept_leased"}`` (paths)."""
+    if zoo.read_only:
+        raise ZooError(f"Zoo {zoo.url} is open read-only")
+    if isinstance(min_age_s, bool) or not isinstance(min_age_s, (int, float)) or not math.isfinite(min_age_s) \
+            or min_age_s < 0:
+        raise ZooError(f"gc min age must be a finite number of seconds >= 0, got {min_age_s!r}")
+    ttl = lease.ttl() if lease_ttl_s is None else float(lease_ttl_s)
+    now = time.time()
+    report: dict[str, list[str]] = {"removed_segments": [], "dropped_commits": [], "compacted": [], "kept_leased": []}
+    coll_root = zoo.root.get("collections")
+    if coll_root is None:
+        return report
+    cids = sorted(coll_root.group_keys())
+    # 1. segments, 2. leases, 3. commits: this order is what makes the lease protocol safe
+    segments = {cid: [s for s in zoo._list(f"collections/{cid}/segments") if s != "zarr.json"] for cid in cids}
+    leases = {(cid, s): _lease_attrs(zoo, cid, s) for cid in cids
+              for s in zoo._list(f"collections/{cid}/leases") if s != "zarr.json"}
+    zoo.refresh()
+    recs = zoo._load()
+    docs = list(zoo._docs)
+
+    committed_at = {(cid, name): a.get("committed_at") or _time(name) or now for cid, name, a in docs}
+    visible = {r["_loc"] for r in recs.values()}
+    shown_since = {r["id"]: committed_at.get((r["_loc"][0], r["_loc"][1]), now) for r in recs.values()}
+    hidden_since: dict[str, float] = {}
+    for cid, name, a in docs:
+        for ckpt_id in a.get("removed", []):
+            hidden_since[ckpt_id] = max(hidden_since.get(ckpt_id, 0.0), committed_at[(cid, name)])
+
+    keep: set[tuple[str, str]] = set()
+    for cid, name, a in docs:
+        seg, rows = a.get("segment"), a.get("records", [])
+        if seg is None:
+            continue  # a removal: kept (tiny), it still hides older duplicates
+        alive = [i for i in range(len(rows)) if (cid, seg, i) in visible]
+        last = max([committed_at[(cid, name)]] + [max(hidden_since.get(r["id"], 0.0), shown_since.get(r["id"], 0.0))
+                                                  for r in rows])
+        if len(alive) == len(rows) or now - last < min_age_s:
+            keep.add((cid, seg))
+            continue
+        if alive:
+            report["compacted"].append(f"{cid}/{seg} -> {_compact(zoo, cid, seg, a, alive)}")
+        zoo._delete_prefix(f"collections/{cid}/commits/{name}")
+        report["dropped_commits"].append(f"{cid}/{name}")
+
+    for cid, names in segments.items():
+        for seg in sorted(names):
+            born = _time(seg)
+            if (cid, seg) in keep or born is None:  # referenced, or not a name this code writes
+                continue
+            if (cid, seg) in leases:
+                why = lease.dead(leases[(cid, seg)], since=born, now=now, ttl_s=ttl)
+                if why is None:
+                    report["kept_leased"].append(f"{cid}/{seg}")
+                    continue
+            if now - born < min_age_s:
+                continue
+            zoo._delete_prefix(f"collections/{cid}/leases/{seg}")  # the lease first: its writer must not commit
+            _delete_segment(zoo, cid, seg)
+            report["removed_segments"].append(f"{cid}/{seg}")
+    for (cid, seg), attrs in leases.items():  # leases whose writer died before its segment, or after its commit
+        if seg not in segments.get(cid, []) or (cid, seg) in keep:
+            if lease.dead(attrs, since=_time(seg) or now, now=now, ttl_s=ttl):
+                zoo._delete_prefix(f"collections/{cid}/leases/{seg}")
+    zoo.refresh()
+    return report

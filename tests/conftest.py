@@ -55,7 +55,7 @@ def make_mlp_files(directory, n: int, num_classes: int = 5, start_seed: int = 0,
 @pytest.fixture(scope="session")
 def tiny_home(tmp_path_factory):
     """A $WEIGHTGEN_HOME with a tiny zoo (mlp-s on digits tasks) and tiny trained generators
-    (D2NWG and the hypernetwork), built once per session in ~half a minute."""
+    (D2NWG, the hypernetwork and IGPG), built once per session in ~half a minute."""
     from training.config import TrainConfig
     from training.train import train
     from zoo.population import PopulationConfig, build_population
@@ -71,6 +71,8 @@ def tiny_home(tmp_path_factory):
         train(TrainConfig(name="d2nwg-tiny", generator="d2nwg-tiny", stages={"vae": 15, "diffusion": 15}, **base),
               show_progress=False)
         train(TrainConfig(name="hypernet-tiny", generator="hypernet-tiny", stages={"regression": 15}, **base),
+              show_progress=False)
+        train(TrainConfig(name="igpg-tiny", generator="igpg-tiny", stages={"vq": 15, "prior": 15}, **base),
               show_progress=False)
     finally:
         mp.undo()

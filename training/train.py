@@ -76,7 +76,7 @@ def recon_gate(model, data: ZooWeights, max_tasks: int = 10) -> dict:
         task = load_dataset(data.tasks[ti])
         support = data.support(rows, model.support_per_class, torch.Generator().manual_seed(0))
         rec = model.reconstruct(data.tokens[rows], data.num_classes, support)
-        rec_sd = decode_tokens(data.layout, rec, model.stats)
+        rec_sd = decode_tokens(data.layout, rec, model.weight_stats(data.arch))
         orig_sd = {k: v[rows] for k, v in data.weights.items()}
         orig_acc.append(accuracy_many(data.arch, data.num_classes, data.input_shape, orig_sd, task.x_test, task.y_test))
         rec_acc.append(accuracy_many(data.arch, data.num_classes, data.input_shape, rec_sd, task.x_test, task.y_test))
@@ -103,13 +103,16 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     check_stages(cfg.stages, model.stages, gen_name)
     stages = [(name, params, int(cfg.stages[name])) for name, params in model.stages.items()]
     caps = model.capabilities
-    optimizers = [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) for _, params, _ in stages]
+    # foreach: one kernel per op over all tensors (the per-tensor CPU path took 0.27 s of a 0.75 s IGPG step)
+    optimizers = [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+                  for _, params, _ in stages]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.warmup_steps, max(n, 1))) for o, (_, _, n) in zip(optimizers, stages)]
     model, *optimizers = accelerator.prepare(model, *optimizers)
     schedulers = [accelerator.prepare(s) for s in schedulers]
     raw = accelerator.unwrap_model(model)
     ema = AveragedModel(raw, multi_avg_fn=ema_update(cfg.ema_decay, cfg.ema_warmup), use_buffers=True) if cfg.ema_decay else None
     progress = Progress()
+    stage_metrics: dict = {}
     accelerator.register_for_checkpointing(progress)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -161,7 +164,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                 accelerator.save_state()
         bar.close()
         raw.eval()
-        raw.on_stage_end(stage, train_data, seed=cfg.seed)
+        stage_metrics[stage] = raw.on_stage_end(stage, train_data, seed=cfg.seed)
         if stage == caps.gate_after:
             progress.gate = recon_gate(raw, gate_data) or None
             if progress.gate and accelerator.is_main_process:
@@ -181,7 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                "zoo_snapshot": full.snapshot, "checkpoints": len(train_data.ids),
                "training_tasks": sorted({train_data.tasks[i] for i in train_data.task_index.tolist()}),
                "gate_tasks": sorted({gate_data.tasks[i] for i in gate_data.task_index.tolist()}),
-               "recon_gate": progress.gate, "config": cfg.to_dict()}
+               "recon_gate": progress.gate, "stage_metrics": stage_metrics, "config": cfg.to_dict()}
     if accelerator.is_main_process:
         final = ema.module if ema is not None and ema.n_averaged.item() > 0 else raw
         final.save_pretrained(str(out_dir))

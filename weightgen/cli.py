@@ -154,7 +154,7 @@ def default_out(a) -> str:
 
     from weightgen.paths import home
 
-    slug = re.sub(r"[^A-Za-z0-9.,=-]+", "-", a.dataset).strip("-")[:80] or "dataset"
+    slug = re.sub(r"[^A-Za-z0-9.,=-]+", "-", a.dataset or "instruction").strip("-")[:80] or "dataset"
     return str(home() / "samples" / f"{a.arch}_{slug}_seed{a.seed}")
 
 
@@ -175,11 +175,13 @@ def cmd_sample(a) -> int:
         print(json.dumps(m, indent=1))
     else:
         nov = m.get("novelty") or {}
-        pred = ("n/a (too few examples to set any aside)" if m["predicted_accuracy"] is None else
+        pred = (("n/a (no data)" if not m["support_size"] else "n/a (too few examples to set any aside)")
+                if m["predicted_accuracy"] is None else
                 f"{m['predicted_accuracy']:.3f} [{m['predicted_accuracy_interval'][0]:.3f}, "
                 f"{m['predicted_accuracy_interval'][1]:.3f}] on {m['predicted_accuracy_n']} held-out examples")
         print(f"wrote {out}/model.safetensors ({m['arch']}, {m['num_classes']} classes) from {m['generator']}: "
-              f"support acc {m['support_accuracy']:.3f}, predicted acc {pred}, novelty "
+              f"support acc {'n/a' if m['support_accuracy'] is None else format(m['support_accuracy'], '.3f')}, "
+              f"predicted acc {pred}, novelty "
               + (f"{nov['ratio']:.2f}" if nov.get("ratio") is not None else "n/a")
               + (f", refined {m['refine_steps']} steps" if m["refine_steps"] else ""))
     return 0
@@ -277,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate ready-to-load weights for an architecture and a dataset")
     s.add_argument("--arch", required=True, type=arch_arg, help="mlp-s, mlp-m, cnn-s, vit-t, vit-s, resnet-18, ...")
-    s.add_argument("--dataset", required=True, help="registry name (digits:classes=3,1,4) or npz:PATH / folder:PATH")
+    s.add_argument("--dataset", help="registry name (digits:classes=3,1,4) or npz:PATH / folder:PATH; may be left out "
+                                     "with an --instruction for a generator that reads text")
     s.add_argument("--generator", help="trained generator name or directory (default: the one for this arch)")
     s.add_argument("--instruction", help="a text instruction (used by instruction-conditioned generators)")
     s.add_argument("--n", type=_int_in(1, 4096, "--n"), default=8, help="candidates to sample")
@@ -326,14 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.data import DatasetError
     from weightgen.outputs import OutputError
     from weightgen.registry import UnknownNameError
-    from weightgen.sampling import NoGeneratorError
+    from weightgen.sampling import RequestError, NoGeneratorError
     from zoo.store import ZooError
 
     try:
         rc = int(args.fn(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler
         return rc
-    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError, OutputError) as e:
+    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError, OutputError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `weightgen zoo ls | head`: the reader has what it wanted

@@ -53,7 +53,9 @@ class TextEncoder:
 
     def __init__(self, spec: TextEncoderSpec):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
 
+        logging.disable_progress_bar()  # a per-load progress bar on every CLI call is noise
         self.spec, folder = spec, spec.folder()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()

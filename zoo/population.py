@@ -252,7 +252,7 @@ def train_population(cfg: PopulationConfig, show_progress: bool = False) -> tupl
                               "betas": list(cfg.betas), "batch_size": cfg.batch_size, "steps": cfg.steps,
                               "init_seed": init_seeds[m], "shared_init": cfg.shared_init, "population": digest},
                 metrics={k: float(v[m]) for k, v in metrics.items()},
-                tags=["population", cfg.family], source=SOURCE))
+                tags=["population", cfg.family], source=SOURCE, instructions=_instructions(tasks.names[t])))
     return out, seconds
 
 
@@ -271,3 +271,11 @@ def build_population(cfg: PopulationConfig, zoo_url: str, show_progress: bool = 
             "seconds_ingest": round(seconds_ingest, 3), "models_per_s": round(models / seconds, 2),
             "mean_final_test_acc": round(float(final.mean()), 4), "min_final_test_acc": round(float(final.min()), 4),
             "zoo_snapshot": zoo.snapshot_id()}
+
+
+def _instructions(dataset: str) -> list[str]:
+    """The training phrasings of a digit-subset task (weightgen.instructions); [] for other datasets."""
+    from weightgen.instructions import digits_from_dataset, phrasings
+
+    classes = digits_from_dataset(dataset)
+    return phrasings(classes) if classes else []

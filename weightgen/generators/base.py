@@ -59,8 +59,14 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         """n weight sets for ``cond`` (a ``Condition``) -> stacked raw-scale state dict (name -> (n, ...))."""
         raise NotImplementedError
 
-    def on_stage_end(self, stage: str, data, *, seed: int = 0) -> None:
-        """Called by training after each stage with the training ``ZooWeights`` (e.g. to fit a scale)."""
+    def on_stage_end(self, stage: str, data, *, seed: int = 0) -> dict | None:
+        """Called by training after each stage with the training ``ZooWeights`` (e.g. to fit a scale);
+        what it returns is recorded in the training summary under ``stage_metrics``."""
+        return None
+
+    def weight_stats(self, arch: str | None = None):
+        """The ``WeightStats`` (standardization, alignment reference) of the weights it makes for ``arch``."""
+        return self.stats
 
     # ------------------------------------------------------------------ what it was trained for
 

@@ -82,3 +82,33 @@ def test_igpg_records_its_text_encoder_and_codebook_usage(tiny_home):
     summary = json.loads((tiny_home / "generators" / "igpg-tiny" / "training_summary.json").read_text())
     usage = summary["stage_metrics"]["vq"]["codebook_usage"]
     assert len(usage) == cfg["vq_levels"] and all(0 < u <= 1 for u in usage)
+
+
+def test_one_igpg_makes_several_architectures(tmp_path, monkeypatch):
+    """Trained on a zoo of mlp-s and cnn-s checkpoints at once; the request's arch picks the prefix."""
+    import torch
+
+    import weightgen
+    from training.config import TrainConfig
+    from training.train import train
+    from weightgen.generators import Condition
+    from weightgen.sampling import open_generator
+    from zoo.population import PopulationConfig, build_population
+
+    monkeypatch.setenv("WEIGHTGEN_HOME", str(tmp_path))
+    for arch in ("mlp-s", "cnn-s"):
+        build_population(PopulationConfig(arch=arch, tasks=4, seeds=1, steps=20, checkpoint_fractions=(1.0,)),
+                         str(tmp_path / "zoo"), show_progress=False)
+    summary = train(TrainConfig(name="igpg-multi", generator="igpg-tiny", arch="mlp-s", extra_archs=["cnn-s"],
+                                stages={"vq": 4, "prior": 4}, batch_size=4, support_per_class=3, min_test_acc=0.0,
+                                heldout_task_fraction=0.25, checkpoint_every=100, warmup_steps=1),
+                    show_progress=False)
+    assert set(summary["recon_gate"]["per_arch"]) == {"mlp-s", "cnn-s"}
+    gen = open_generator(tmp_path / "generators" / "igpg-multi").model
+    support = torch.rand(3, 2, 64)
+    for arch in ("mlp-s", "cnn-s"):
+        sd = gen.sample(Condition(support, arch=arch), 2, generator=torch.Generator().manual_seed(0))
+        weightgen.build_model(arch, 3, (64,)).load_state_dict({k: v[0] for k, v in sd.items()}, strict=True)
+    assert gen.unfit_reason("mlp-m", (64,), 3) is not None and gen.unfit_reason("cnn-s", (64,), 3) is None
+    with pytest.raises(ValueError, match="makes one architecture"):
+        train(TrainConfig(name="d-multi", generator="d2nwg-tiny", extra_archs=["cnn-s"], stages={"vae": 1, "diffusion": 1}))

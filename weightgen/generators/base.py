@@ -28,6 +28,7 @@ class Capabilities:
     gate_after: str | None = None  # stage after which training checks reconstructions of held-out weights
     ema_stages: tuple[str, ...] | None = None  # stages whose steps update the EMA (None: every stage)
     text: bool = False  # reads ``Condition.instruction``
+    multi_arch: bool = False  # one model trained on, and making, several architectures (``Condition.arch``)
     closed_form: tuple[str, ...] = ()  # parts computed in closed form from the support set (declared in manifests)
     priority: int = 0  # the default for a request that names no generator: highest priority among those that fit
 

@@ -80,7 +80,8 @@ class TokenVQ(nn.Module):
 
 @register_generator("igpg")
 class IGPG(WeightGenerator):
-    capabilities = Capabilities(reconstruct=True, gate_after="vq", ema_stages=("prior",), text=True, priority=5)
+    capabilities = Capabilities(reconstruct=True, gate_after="vq", ema_stages=("prior",), text=True, multi_arch=True,
+                                priority=5)
 
     @register_to_config
     def __init__(self, arch: str = "mlp-s", input_shape: tuple = (64,), archs: list | None = None,

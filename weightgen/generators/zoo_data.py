@@ -135,3 +135,34 @@ class ZooWeights:
                          instructions=[self.instructions[i] for i in idx] if self.instructions else None)
         sub._task_data = self._task_data
         return sub
+
+
+class ZooMixture:
+    """Zoo weights of several architectures (same classes and input shape) trained as one
+    generator: each step's batch comes from one architecture, drawn in proportion to its share of
+    checkpoints. Offers what the training loop reads from a ``ZooWeights``; ``parts`` are those."""
+
+    def __init__(self, parts: list[ZooWeights]):
+        if len({(p.num_classes, tuple(p.input_shape)) for p in parts}) != 1:
+            raise ValueError("a mixture's architectures must share the class count and input shape")
+        self.parts = parts
+        self.arch, self.num_classes, self.input_shape, self.mode = parts[0].arch, parts[0].num_classes, \
+            parts[0].input_shape, parts[0].mode
+        self.snapshot = parts[0].snapshot
+        self.ids = [i for p in parts for i in p.ids]
+        self.tasks = [t for p in parts for t in p.tasks]
+        offsets = torch.tensor([0] + [len(p.tasks) for p in parts]).cumsum(0)
+        self.task_index = torch.cat([p.task_index + offsets[i] for i, p in enumerate(parts)])
+
+    def batch(self, batch_size: int, per_class: int, generator: torch.Generator | None = None,
+              with_support: bool = True) -> dict:
+        sizes = torch.tensor([float(len(p.ids)) for p in self.parts])
+        part = self.parts[int(torch.multinomial(sizes, 1, generator=generator))]
+        return part.batch(batch_size, per_class, generator, with_support)
+
+    def split(self, heldout_fraction: float, seed: int = 0) -> tuple["ZooMixture", "ZooMixture"]:
+        pairs = [p.split(heldout_fraction, seed) for p in self.parts]
+        return ZooMixture([a for a, _ in pairs]), ZooMixture([b for _, b in pairs])
+
+    def task_inputs(self) -> list[torch.Tensor]:
+        return self.parts[0].task_inputs()

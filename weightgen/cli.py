@@ -166,7 +166,7 @@ def cmd_sample(a) -> int:
     check_out_dir(out_dir)  # an unusable --out fails now, not after sampling
     res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
                  instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty, head=a.head,
-                 support_per_class=a.support_per_class)
+                 support_per_class=a.support_per_class, text_encoder=a.text_encoder)
     out = write(res, out_dir)
     m = res.manifest
     for w in m["warnings"]:
@@ -184,6 +184,25 @@ def cmd_sample(a) -> int:
               f"predicted acc {pred}, novelty "
               + (f"{nov['ratio']:.2f}" if nov.get("ratio") is not None else "n/a")
               + (f", refined {m['refine_steps']} steps" if m["refine_steps"] else ""))
+    return 0
+
+
+def cmd_xbt_fit(a) -> int:
+    from weightgen.xbt import fit
+
+    print(fit(a.old, a.new, a.out, steps=a.steps, rank=a.rank, noise_std=a.noise, show_progress=not a.no_progress))
+    return 0
+
+
+def cmd_xbt_eval(a) -> int:
+    from weightgen.xbt import evaluate
+
+    res = evaluate(a.dir, generation=not a.no_generation)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for k, v in res.items():
+            print(f"{k:32} {v}")
     return 0
 
 
@@ -283,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with an --instruction for a generator that reads text")
     s.add_argument("--generator", help="trained generator name or directory (default: the one for this arch)")
     s.add_argument("--instruction", help="a text instruction (used by instruction-conditioned generators)")
+    s.add_argument("--text-encoder", help="embed the instruction with this encoder (e.g. paraphrase-minilm-l3); a "
+                                          "generator trained with another reads it through an XBT projection")
     s.add_argument("--n", type=_int_in(1, 4096, "--n"), default=8, help="candidates to sample")
     s.add_argument("--select", choices=["best", "none"], default="best",
                    help="best: keep the candidate with the best support-set accuracy; none: the first one")
@@ -299,6 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: $WEIGHTGEN_HOME/samples/ARCH_DATASET_seedSEED)")
     s.add_argument("--json", action="store_true", help="print the manifest")
     s.set_defaults(fn=cmd_sample)
+
+    xp = sub.add_parser("xbt", help="XBT projections: use a new text encoder with generators trained on an old one"
+                        ).add_subparsers(dest="xbt_command", required=True)
+    s = xp.add_parser("fit", help="fit the projection NEW -> OLD on text (minutes on 2 cores)")
+    s.add_argument("--old", required=True, help="the encoder generators were trained with (e.g. minilm-l6)")
+    s.add_argument("--new", required=True, help="the encoder to adopt (e.g. paraphrase-minilm-l3)")
+    s.add_argument("--out", help="directory (default: $WEIGHTGEN_HOME/xbt/NEW__to__OLD, where sampling looks)")
+    s.add_argument("--steps", type=_int_in(1, None, "--steps"), default=3000)
+    s.add_argument("--rank", type=_int_in(0, None, "--rank"), default=0, help="low-rank linear part (0: full)")
+    s.add_argument("--noise", type=float, default=0.05, help="injected noise, relative to the embedding norm")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_xbt_fit)
+    s = xp.add_parser("eval", help="recall@1 of held-out phrasings old->old, new->old raw and projected; "
+                                   "held-out generation accuracy with old vs projected conditions")
+    s.add_argument("dir")
+    s.add_argument("--no-generation", action="store_true", help="recall only (no trained IGPG needed)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_xbt_eval)
 
     s = sub.add_parser("generators", help="list trained generators")
     s.set_defaults(fn=cmd_generators)
@@ -329,14 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.data import DatasetError
     from weightgen.outputs import OutputError
     from weightgen.registry import UnknownNameError
-    from weightgen.sampling import RequestError, NoGeneratorError
+    from weightgen.sampling import NoGeneratorError, RequestError
+    from weightgen.text import NoProjectionError
     from zoo.store import ZooError
 
     try:
         rc = int(args.fn(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler
         return rc
-    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError, OutputError, RequestError) as e:
+    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError, OutputError, RequestError,
+            NoProjectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `weightgen zoo ls | head`: the reader has what it wanted

@@ -167,7 +167,7 @@ class Candidates:
 
 def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0,
                head: str = "fit", instruction: str | None = None, input_profile: dict | None = None,
-               class_names: list[str] | None = None) -> Candidates:
+               class_names: list[str] | None = None, text_encoder: str | None = None) -> Candidates:
     """Condition ``gen`` on the support (x, y), draw n weight sets, and (head="fit") replace their
     classifier by the closed-form head of :mod:`weightgen.heads`. The generator reads as many
     examples per class as it was trained to (drawn from the support, seeded); the head and the
@@ -181,7 +181,7 @@ def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, 
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     m = gen.support_per_class
     support = group_support(x, y, k, m, torch.Generator().manual_seed(seed))
-    cond = Condition(support, instruction, class_names=class_names, arch=arch)
+    cond = Condition(support, instruction, class_names=class_names, arch=arch, extra={"text_encoder": text_encoder})
     raw = gen.sample(cond, n, generator=torch.Generator().manual_seed(seed))
     raw = {name: v.contiguous() for name, v in raw.items()}
     gen_acc = accuracy_many(arch, k, shape, raw, x, y)
@@ -210,13 +210,25 @@ def _check_request(n: int, seed: int, select: str) -> None:
         raise ValueError(f"select must be 'best' or 'none', got {select!r}")
 
 
+def text_conditions(gen, instruction: str | None, text_encoder: str | None) -> dict | None:
+    """Which text encoder embeds the instruction, and the XBT projection into the generator's
+    encoder when they differ (raises NoProjectionError before any work when there is none)."""
+    if not instruction or not gen.capabilities.text:
+        return None
+    from weightgen.xbt import encode_for
+
+    return encode_for([instruction], gen.config.text_encoder, text_encoder)[1]
+
+
 def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGenerator | None = None, n: int = 8,
            select: str = "best", seed: int = 0, instruction: str | None = None, refine_steps: int = 0,
-           novelty: bool = True, head: str = "fit", support_per_class: int = SUPPORT_CAP) -> SampleResult:
+           novelty: bool = True, head: str = "fit", support_per_class: int = SUPPORT_CAP,
+           text_encoder: str | None = None) -> SampleResult:
     """Generate weights of ``arch`` for ``dataset``; see the module docstring for what is and is not done.
-    With no dataset, an instruction alone conditions a generator that reads text."""
+    With no dataset, an instruction alone conditions a generator that reads text; ``text_encoder``
+    embeds it with another encoder than the generator's, through an XBT projection."""
     if dataset is None:
-        return sample_from_instruction(arch, instruction, generator, n, select, seed, novelty)
+        return sample_from_instruction(arch, instruction, generator, n, select, seed, novelty, text_encoder)
     t0 = time.time()
     spec = get_arch(arch)
     task = dataset if isinstance(dataset, TaskData) else load_dataset(dataset)
@@ -234,8 +246,9 @@ def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGen
         raise GeneratorMismatchError(f"Generator {info['name']!r} {why}; name another generator or leave it out.")
     split = split_user_data(task.x_train, task.y_train, k, support_per_class, seed)
     sx, sy = split.x, split.y  # only read: conditioning, closed-form parts, selection
+    text = text_conditions(gen, instruction, text_encoder)
     cands = candidates(gen, arch, k, shape, sx, sy, n, seed, head, instruction, loaded.input_profile,
-                       class_names=task.class_names or None)
+                       class_names=task.class_names or None, text_encoder=text_encoder)
     pick = int(torch.argmax(cands.score)) if select == "best" else 0  # argmax: first of ties, deterministic
     sd = {name: v[pick].clone().contiguous() for name, v in cands.sd.items()}
     if refine_steps:
@@ -259,6 +272,7 @@ def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGen
         "zoo_snapshot": info["zoo_snapshot"], "arch": arch, "dataset": task.name, "dataset_fingerprint": task.fingerprint(),
         "num_classes": k, "input_shape": list(shape), "seed": seed, "n": n, "select": select, "selected_index": pick,
         "instruction": instruction, "instruction_used": bool(instruction) and gen.capabilities.text,
+        "conditions": {"features": gen.config.get("feature", "raw"), "text": text},
         "trained_on": {"num_classes": trained["num_classes"], "any_class_count": trained["any_class_count"],
                        "input_shape": trained["input_shape"], "tasks": loaded.training_tasks,
                        "input_shift": shift},
@@ -286,7 +300,8 @@ def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGen
 
 
 def sample_from_instruction(arch: str, instruction: str | None, generator: str | LoadedGenerator | None = None,
-                            n: int = 8, select: str = "best", seed: int = 0, novelty: bool = True) -> SampleResult:
+                            n: int = 8, select: str = "best", seed: int = 0, novelty: bool = True,
+                            text_encoder: str | None = None) -> SampleResult:
     """Weights from an instruction alone ("classify handwritten 2, 7 and 9"): its classes, in the order
     named, are the labels. There is no data to fit, select or measure on, so best-of-n keeps the
     sample the generator itself finds most likely (mean log-likelihood of its codes) — the only
@@ -320,7 +335,9 @@ def sample_from_instruction(arch: str, instruction: str | None, generator: str |
     why = gen.unfit_reason(arch, shape, k)
     if why:
         raise GeneratorMismatchError(f"Generator {info['name']!r} {why}")
-    cond = Condition(None, instruction, class_names=[str(c) for c in classes], arch=arch)
+    text = text_conditions(gen, instruction, text_encoder)
+    cond = Condition(None, instruction, class_names=[str(c) for c in classes], arch=arch,
+                     extra={"text_encoder": text_encoder})
     sd, loglik = gen.sample_with_likelihood(cond, n, generator=torch.Generator().manual_seed(seed))
     pick = int(torch.argmax(loglik)) if select == "best" else 0
     one = {name: v[pick][None].contiguous() for name, v in sd.items()}
@@ -329,6 +346,7 @@ def sample_from_instruction(arch: str, instruction: str | None, generator: str |
         "zoo_snapshot": info["zoo_snapshot"], "arch": arch, "dataset": None, "num_classes": k,
         "input_shape": list(shape), "class_names": [str(c) for c in classes], "seed": seed, "n": n, "select": select,
         "selected_index": pick, "instruction": instruction, "instruction_used": True,
+        "conditions": {"features": None, "text": text},
         "selection_basis": "the generator's own mean log-likelihood of the sample (no data to measure on)",
         "candidates_score": [round(float(s), 4) for s in loglik], "head": "generated", "head_used": "generated",
         "closed_form": {}, "trained_on": {**gen.trained_for(), "tasks": loaded.training_tasks},

@@ -50,7 +50,8 @@ def class_name_text(name: str) -> str:
 class TokenVQ(nn.Module):
     """Per-token residual VQ autoencoder: token + ids -> latent -> codes (levels) -> token."""
 
-    def __init__(self, token_dim, latent_dim, hidden, levels, codebook_size, max_modules, max_slot, archs):
+    def __init__(self, token_dim, latent_dim, hidden, levels, codebook_size, max_modules, max_slot, archs,
+                 quantize_dropout=False):
         super().__init__()
         from vector_quantize_pytorch import ResidualVQ
 
@@ -58,8 +59,11 @@ class TokenVQ(nn.Module):
         self.arch = nn.Embedding(archs, hidden)
         self.enc_in = nn.Linear(token_dim, hidden)
         self.enc = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, latent_dim))
+        # quantize_dropout trains the decoder on the first l levels for random l, so a prefix of the
+        # levels is a usable (coarser) code: the prior may model only the first ``prior_levels``
         self.quantizer = ResidualVQ(dim=latent_dim, num_quantizers=levels, codebook_size=codebook_size,
-                                    kmeans_init=True, threshold_ema_dead_code=2, decay=0.9)
+                                    kmeans_init=True, threshold_ema_dead_code=2, decay=0.9,
+                                    quantize_dropout=quantize_dropout, quantize_dropout_cutoff_index=0)
         self.dec_in = nn.Linear(latent_dim, hidden)
         self.dec = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, token_dim))
 
@@ -74,7 +78,9 @@ class TokenVQ(nn.Module):
     def decode_latent(self, q, layout, arch_idx):
         return self.dec(self.dec_in(q) + self._pos(layout, arch_idx, q.device))
 
-    def decode_codes(self, codes, layout, arch_idx):  # (B, T, Q) -> (B, T, C)
+    def decode_codes(self, codes, layout, arch_idx, levels: int):  # (B, T, q <= Q) -> (B, T, C)
+        if codes.shape[-1] < levels:  # the levels the prior does not model contribute nothing (-1 = masked)
+            codes = torch.cat([codes, codes.new_full((*codes.shape[:-1], levels - codes.shape[-1]), -1)], -1)
         return self.decode_latent(self.quantizer.get_output_from_indices(codes), layout, arch_idx)
 
 
@@ -91,14 +97,16 @@ class IGPG(WeightGenerator):
                  n_layer: int = 4, n_head: int = 4, cond_dim: int = 128, cond_depth: int = 2, max_classes: int = 10,
                  max_codes: int = 1024, text_encoder: str = "minilm-l6", text_encoder_version: str = "",
                  text_dim: int = 384, p_drop: float = 0.3, support_per_class: int = 10, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0):
+                 top_k: int = 0, top_p: float = 1.0, quantize_dropout: bool = False, prior_levels: int = 0):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
         archs = [list(a) for a in (archs or [[arch, list(input_shape)]])]
         self.stats = nn.ModuleDict({_key(a): WeightStats(a, train_num_classes, tuple(s), (stat_names or {}).get(a, []))
                                     for a, s in archs})
-        self.vq = TokenVQ(token_dim, latent_dim, vq_hidden, vq_levels, codebook_size, max_modules, max_slot, len(archs))
+        self.vq = TokenVQ(token_dim, latent_dim, vq_hidden, vq_levels, codebook_size, max_modules, max_slot, len(archs),
+                          quantize_dropout)
+        self.levels = prior_levels or vq_levels  # levels of each token's code the prior models
         self.features = FEATURES.get(feature)(tuple(input_shape))
         self.encoder = DatasetEncoder(self.features.dim, cond_dim, cond_depth)
         self.arch_emb = nn.Embedding(len(archs), d_model)
@@ -126,7 +134,8 @@ class IGPG(WeightGenerator):
                     stat_names={p.arch: list(p.layout.keys) for p in parts},
                     max_modules=max(len(p.layout.modules) for p in parts),
                     max_slot=max(int(p.layout.slot.max()) + 1 for p in parts),
-                    max_codes=max(p.layout.num_tokens for p in parts) * config.get("vq_levels", 4),
+                    max_codes=max(p.layout.num_tokens for p in parts) * (config.get("prior_levels")
+                                                                         or config.get("vq_levels", 4)),
                     text_encoder_version=enc.version, text_dim=enc.dim, **config)
         for p in parts:
             model.stats[_key(p.arch)].set(p.standardizer, p.align_ref)
@@ -158,13 +167,15 @@ class IGPG(WeightGenerator):
 
     # ------------------------------------------------------------------ conditioning
 
-    def _texts(self, texts: list[str]) -> torch.Tensor:
-        from weightgen.text import text_encoder
+    def _texts(self, texts: list[str], via: str | None = None) -> torch.Tensor:
+        """Embeddings in the space this generator was trained on: by its own text encoder, or by the
+        request's encoder ``via`` and an XBT projection into its own (weightgen.xbt)."""
+        from weightgen.xbt import encode_for
 
-        return text_encoder(self.config.text_encoder).encode(texts).to(self.type_emb.device)
+        return encode_for(texts, self.config.text_encoder, via)[0].to(self.type_emb.device)
 
     def prefix(self, arch_idx: int, texts: list[str | None], support: torch.Tensor | None,
-               names: list[list[str]] | None, drop_text=None, drop_data=None) -> torch.Tensor:
+               names: list[list[str]] | None, drop_text=None, drop_data=None, via: str | None = None) -> torch.Tensor:
         """(B, 3 + K_max, D): [arch, instruction, dataset, class 1..K_max]."""
         c, b = self.config, len(texts)
         dev = self.type_emb.device
@@ -173,7 +184,7 @@ class IGPG(WeightGenerator):
         has_text = torch.tensor([bool(t) for t in texts], device=dev)
         if drop_text is not None:
             has_text &= ~drop_text
-        text = self._texts([t or "" for t in texts]) if has_text.any() else torch.zeros(b, c.text_dim, device=dev)
+        text = self._texts([t or "" for t in texts], via) if has_text.any() else torch.zeros(b, c.text_dim, device=dev)
         text_tok = torch.where(has_text[:, None], self.text_proj(text), self.null[0])
         if support is not None:
             feats = self.features(support.reshape(-1, *support.shape[3:])).reshape(*support.shape[:3], -1)
@@ -185,7 +196,7 @@ class IGPG(WeightGenerator):
             ds_tok, cls_tok = self.null[1].expand(b, -1), torch.zeros(b, k, c.d_model, device=dev)
         if names is not None:
             flat = [class_name_text(n) for row in names for n in row]
-            cls_tok = cls_tok + self.name_proj(self._texts(flat)).reshape(b, k, -1)
+            cls_tok = cls_tok + self.name_proj(self._texts(flat, via)).reshape(b, k, -1)
         pad = self.null[2].expand(b, c.max_classes - k, -1)
         tokens = torch.cat([arch_tok[:, None], text_tok[:, None], ds_tok[:, None], torch.cat([cls_tok, pad], 1)], 1)
         types = torch.cat([self.type_emb[:3], self.type_emb[3:].expand(c.max_classes, -1)])
@@ -204,7 +215,7 @@ class IGPG(WeightGenerator):
             return {"loss": recon + commit, "recon": recon, "commit": commit}
         with torch.no_grad():
             _, codes, _ = self.vq(tokens, layout, arch_idx)
-        codes = codes.flatten(1)  # (B, T * Q): token by token, level by level
+        codes = codes[..., :self.levels].flatten(1)  # (B, T * q): token by token, level by level
         b = codes.shape[0]
         drop_text = torch.rand(b, device=tokens.device) < self.config.p_drop
         drop_data = torch.rand(b, device=tokens.device) < self.config.p_drop
@@ -255,8 +266,9 @@ class IGPG(WeightGenerator):
         layout = self.layout(k, arch)
         support = None if cond.support is None else cond.support[None].float().to(self.type_emb.device)
         names = [list(cond.class_names)] if cond.class_names else None
-        prefix = self.prefix(arch_idx, [cond.instruction], support, names).expand(n, -1, -1)
-        length = layout.num_tokens * c.vq_levels
+        prefix = self.prefix(arch_idx, [cond.instruction], support, names,
+                             via=cond.extra.get("text_encoder")).expand(n, -1, -1)
+        length = layout.num_tokens * self.levels
         seed = int(generator.initial_seed()) if generator is not None else int(torch.initial_seed())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -268,7 +280,7 @@ class IGPG(WeightGenerator):
         codes = out.sequences[:, -length:]  # (n, T * Q)
         logp = torch.stack([F.log_softmax(lg.float(), -1) for lg in out.logits], 1)  # (n, L, C)
         loglik = logp.gather(-1, codes[..., None])[..., 0].mean(1)
-        tokens = self.vq.decode_codes(codes.reshape(n, layout.num_tokens, c.vq_levels), layout, arch_idx)
+        tokens = self.vq.decode_codes(codes.reshape(n, layout.num_tokens, self.levels), layout, arch_idx, c.vq_levels)
         return decode_tokens(layout, tokens, self.stats[_key(arch)]), loglik
 
 

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory (default: $WEIGHTGEN_HOME/xbt/NEW__to__OLD, where sampling looks)")
     s.add_argument("--steps", type=_int_in(1, None, "--steps"), default=3000)
     s.add_argument("--rank", type=_int_in(0, None, "--rank"), default=0, help="low-rank linear part (0: full)")
-    s.add_argument("--noise", type=float, default=0.05, help="injected noise, relative to the embedding norm")
+    s.add_argument("--noise", type=float, default=0.1, help="injected noise, relative to the embedding norm")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_xbt_fit)
     s = xp.add_parser("eval", help="recall@1 of held-out phrasings old->old, new->old raw and projected; "

@@ -12,9 +12,12 @@ generator trained on ``old`` still reads it: no zoo re-embedding, no generator r
 * training data: text only — every digit-subset task (2..10 classes) in the training phrasings the
   zoo stores, plus sentences from Python's bundled documentation (an offline English corpus);
   held-out phrasings (``EVAL_TEMPLATES``) are kept for evaluation;
-* noise injection, as in the paper: Gaussian noise (``noise_std``) on the new embedding before the
-  projection, so the map is smooth around the training texts and holds for unseen phrasings;
-* loss: cosine distance to the old encoder's embedding of the same text.
+* noise injection, as in the paper: Gaussian noise (``noise_std``, relative to the embedding norm)
+  on the new embedding before the projection, so the map is smooth around the training texts;
+* loss: a contrastive term (InfoNCE, temperature 0.05: each projected text must be nearer its own
+  old embedding than the batch's other texts) plus cosine distance. Cosine alone reached 0.98
+  similarity yet retrieved held-out instructions at 0.07 recall@1 (instructions differ by a few
+  digits: small differences a cosine fit averages away); with the contrastive term 0.19.
 
 Saved as safetensors + config.json (both encoders' names and weight hashes) under
 ``$WEIGHTGEN_HOME/xbt/NEW__to__OLD``; used automatically when a request's text encoder differs from
@@ -63,37 +66,47 @@ def digit_tasks(n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def corpus(tasks: int = 1500, seed: int = 0) -> list[str]:
-    """The training texts: instructions in the zoo's phrasings, plus documentation sentences."""
+def sentences(part: str = "fit") -> list[str]:
+    """Sentences of Python's bundled documentation (an offline English corpus): every fifth one is
+    held out of fitting ("eval") to measure the map on text it never saw."""
     import pydoc_data.topics
 
     text = " ".join(pydoc_data.topics.topics.values())
     sents = [s.strip().replace("\n", " ") for s in re.split(r"(?<=[.!?])\s+", text)]
-    sents = [s for s in sents if 30 < len(s) < 200 and not any(c in s for c in "{}[]()=>*_:")]
-    return [phrase(t, tpl) for t in digit_tasks(tasks, seed) for tpl in TRAIN_TEMPLATES] + sents
+    sents = [s for s in dict.fromkeys(sents) if 30 < len(s) < 200 and not any(c in s for c in "{}[]()=>*_:")]
+    return [s for i, s in enumerate(sents) if (i % 5 == 4) == (part == "eval")]
+
+
+def corpus(tasks: int = 1500, seed: int = 0, max_sentences: int | None = None) -> list[str]:
+    """The training texts: instructions in the zoo's phrasings, plus documentation sentences."""
+    return [phrase(t, tpl) for t in digit_tasks(tasks, seed) for tpl in TRAIN_TEMPLATES] + \
+        sentences("fit")[:max_sentences]
 
 
 def default_dir(new: str, old: str) -> Path:
     return home() / "xbt" / f"{new}__to__{old}"
 
 
-def fit(old: str, new: str, out_dir: str | Path | None = None, steps: int = 3000, batch: int = 256,
-        lr: float = 1e-3, noise_std: float = 0.05, rank: int = 0, seed: int = 0, show_progress: bool = True) -> Path:
+def fit(old: str, new: str, out_dir: str | Path | None = None, steps: int = 3000, batch: int = 512,
+        lr: float = 1e-3, noise_std: float = 0.1, rank: int = 0, seed: int = 0, temperature: float = 0.05,
+        tasks: int = 1500, max_sentences: int | None = None, show_progress: bool = True) -> Path:
     """Train and save the new -> old projection; returns its directory."""
     torch.manual_seed(seed)
     enc_old, enc_new = text_encoder(old), text_encoder(new)
-    texts = corpus(seed=seed)
+    texts = corpus(tasks, seed, max_sentences)
     y, x = enc_old.encode(texts), enc_new.encode(texts)
     proj = Projection(old=old, new=new, old_version=enc_old.version, new_version=enc_new.version, dim_in=enc_new.dim,
-                      dim_out=enc_old.dim, rank=rank, noise_std=noise_std)
+                      dim_out=enc_old.dim, hidden=1024, rank=rank, noise_std=noise_std)
     opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc=f"xbt {new} -> {old}", disable=not show_progress):
-        idx = torch.randint(len(texts), (batch,), generator=g)
+        idx = torch.randint(len(texts), (min(batch, len(texts)),), generator=g)
         # noise_std is relative to the (unit) embedding norm: per coordinate it is noise_std / sqrt(dim)
-        noisy = x[idx] + noise_std / x.shape[1] ** 0.5 * torch.randn(batch, x.shape[1], generator=g)
-        loss = (1 - (proj(noisy) * y[idx]).sum(-1)).mean()
+        noisy = x[idx] + noise_std / x.shape[1] ** 0.5 * torch.randn(len(idx), x.shape[1], generator=g)
+        out = proj(noisy)
+        nce = nn.functional.cross_entropy(out @ y[idx].T / temperature, torch.arange(len(idx)))
+        loss = nce + (1 - (out * y[idx]).sum(-1)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -189,7 +202,17 @@ def evaluate(path: str | Path, tasks: int = 300, seed: int = 1, generation: bool
         out.setdefault("recall_new_old_projected", []).append(recall_at_1(proj(new.encode(q)), gallery, truth))
     for key in ("recall_old_old", "recall_new_old_raw", "recall_new_old_projected"):
         out[key] = sum(out[key]) / len(out[key])
+    # the new encoder against its own gallery: how much of the distinction its embeddings carry at all
+    gallery_new = new.encode([phrase(t, TRAIN_TEMPLATES[0]) for t in eval_tasks])
+    out["recall_new_new"] = sum(recall_at_1(new.encode([phrase(t, tpl) for t in eval_tasks]), gallery_new,
+                                            torch.arange(len(eval_tasks))) for tpl in EVAL_TEMPLATES) / len(EVAL_TEMPLATES)
     out["chance"] = 1 / len(eval_tasks)
+    held = sentences("eval")  # the same held-out sentence: new-encoder query, old-encoder gallery
+    truth = torch.arange(len(held))
+    gallery_old = old.encode(held)
+    out["sentences"] = len(held)
+    out["identity_recall_raw"] = recall_at_1(new.encode(held), gallery_old, truth)
+    out["identity_recall_projected"] = recall_at_1(proj(new.encode(held)), gallery_old, truth)
     if generation:
         out.update(generation_accuracy(path))
     return out

@@ -94,9 +94,20 @@ def cmd_zoo_build(a) -> int:
     return 0
 
 
+def _threads(v: str) -> int:
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v!r}")
+    return int(v)
+
+
 def cmd_sample(a) -> int:
+    import torch
+
     from weightgen.sampling import sample, write
 
+    # weights depend on the intra-op thread count at ~1e-6 (float sums split differently across
+    # threads); servers sample with 1 thread per replica, and so does this by default: same bytes
+    torch.set_num_threads(a.torch_threads)
     res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
                  instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty)
     out = write(res, a.out)
@@ -203,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine", type=int, default=0, metavar="K",
                    help="K gradient steps on the support set after sampling (off by default; declared in the manifest)")
     s.add_argument("--no-novelty", action="store_true", help="skip the novelty check against the zoo")
+    s.add_argument("--torch-threads", type=_threads, default=1,
+                   help="torch threads (default 1, as a server replica: the same request gives the same bytes)")
     s.add_argument("--out", required=True)
     s.add_argument("--json", action="store_true", help="print the manifest")
     s.set_defaults(fn=cmd_sample)

@@ -192,6 +192,7 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         "support_accuracy": float(sup_acc[pick]) if not refine_steps else float(accuracy_many(arch, k, shape, one, sx, sy)),
         "predicted_accuracy": predicted, "predicted_accuracy_basis": "train examples outside the support set",
         "refine_steps": refine_steps, "zero_shot": refine_steps == 0, "seconds": round(time.time() - t0, 3),
+        "torch_threads": torch.get_num_threads(),  # the bytes depend on it (~1e-6): part of what reproduces them
     }
     if novelty:
         from weightgen.novelty import novelty_vs_zoo

@@ -516,7 +516,7 @@ def test_nan_metric_in_the_zoo_is_null_not_500(client, serve_home):
     ("dataset", "digits:classes=4,2,8,1,\n0"), ("dataset", "digits:classes=4,2,8,1,\r0"),
     ("dataset", "digits:classes=4,2,8,1,\v0"), ("dataset", "digits:classes=4,2,8,1,\f0"),
     ("dataset", "digits:classes=4,2,8,1,0\x85"), ("arch", "mlp-s\r\nX-Evil: 1"), ("generator", "d2nwg-tiny\n"),
-])
+], ids=["LF", "CR", "VT", "FF", "NEL", "arch-CRLF", "generator-LF"])
 def test_control_characters_are_refused(client, field, value):
     """A dataset name like "...,\\n0" was accepted (int() strips the newline) and then broke the
     X-Weightgen-Dataset header: the client got an empty reply."""

@@ -98,12 +98,17 @@ def reserve_port() -> socket.socket:
 
 
 def serve_rss_mb() -> dict[str, float]:
+    """RSS of the Serve processes of the Ray this process started (its children, not every
+    process on a machine where someone else may run Serve too)."""
     out = {}
-    for p in psutil.process_iter(["cmdline", "memory_info"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd, rss = " ".join(p.cmdline()), p.memory_info().rss
+        except psutil.Error:
+            continue
         for tag in ("ServeReplica:weightgen:GeneratorDeployment", "ServeReplica:weightgen:Ingress", "ProxyActor"):
-            if tag in cmd and p.info["memory_info"]:
-                out[tag.split(":")[-1]] = out.get(tag.split(":")[-1], 0.0) + p.info["memory_info"].rss / 2**20
+            if tag in cmd:
+                out[tag.split(":")[-1]] = out.get(tag.split(":")[-1], 0.0) + rss / 2**20
     return out
 
 

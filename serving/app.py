@@ -100,7 +100,7 @@ def _check_request(raw: Any, upload: bool, args: ServeArgs) -> GenerateRequest |
     return req
 
 
-async def _parse_upload(request: Request, body: bytes) -> tuple[Any, str, bytes] | JSONResponse:
+async def _parse_upload(request: Request, body: bytearray) -> tuple[Any, str, bytes] | JSONResponse:
     """(request JSON, file name, npz bytes) from a multipart body already read under the cap."""
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}

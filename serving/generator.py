@@ -22,7 +22,7 @@ from pathlib import Path
 from ray import serve
 
 from serving.deadline import RequestExpired, deadline, stop_when_expired
-from serving.limits import check_work
+from serving.limits import check_work, npz_rows
 from serving.schemas import ServeArgs
 
 MAX_MODELS_PER_REPLICA = 4  # generators a replica keeps loaded (LRU)
@@ -182,7 +182,11 @@ class GeneratorDeployment:
         from weightgen.data import load_dataset
         from weightgen.data.files import task_from_arrays, task_from_npz
 
+        a = self.args
         if req.get("npz") is not None:
+            rows = npz_rows(req["npz"])  # from the arrays' headers: refused before they are loaded
+            if rows > a.max_rows:
+                return _err(*check_work(rows, 1, a.max_rows, a.max_classes, a.max_rows_x_classes))
             task = task_from_npz(f"upload:{req['upload_name']}", io.BytesIO(req["npz"]),
                                  max_bytes=req["max_array_bytes"], source="request")
         elif req.get("support"):
@@ -190,7 +194,6 @@ class GeneratorDeployment:
             task = task_from_arrays("inline", x, y, source="request")
         else:
             task = load_dataset(req["dataset"])
-        a = self.args
         too_much = check_work(len(task.y_train) + len(task.y_test), task.num_classes, a.max_rows, a.max_classes,
                               a.max_rows_x_classes)
         return _err(*too_much) if too_much else task

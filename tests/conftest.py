@@ -15,6 +15,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # reachable from the network. And its Serve proxies get the header cap (serving/proxy.py).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.proxy:setup")
+# ... with body limits sized to test_serving.py's app (1 MiB JSON, 2 MiB uploads): 4 uploads and
+# 2 JSON bodies fill the proxy's budget exactly
+os.environ.setdefault("WEIGHTGEN_PROXY_MAX_BODY_BYTES", str(3 << 20))
+os.environ.setdefault("WEIGHTGEN_PROXY_BODY_BYTES", str(10 << 20))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

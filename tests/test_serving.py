@@ -310,6 +310,22 @@ def test_upload_npz_dataset(client):
                                                         abs=1e-6)
 
 
+def header_only_npz(rows: int) -> bytes:
+    """An .npz whose x header says ``rows`` rows but holds one: loading it fails, reading its header does not."""
+    import io
+    import zipfile
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (rows, 64)})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x.npy", head.getvalue() + np.zeros(64, np.float32).tobytes())
+        y = io.BytesIO()
+        np.save(y, np.arange(rows) % 4)
+        z.writestr("y.npy", y.getvalue())
+    return buf.getvalue()
+
+
 class Executes:
     """Unpickling this runs os.makedirs(path): a stand-in for any code an upload could smuggle in."""
 
@@ -345,19 +361,23 @@ def pickled_npz(marker) -> bytes:
     ("decompression bomb", "bomb", {"arch": "mlp-s"}, 422, "bytes uncompressed, over the"),
     ("upload over the limit", "big", {"arch": "mlp-s"}, 413, "over"),
     ("more rows than the server takes", "rows", {"arch": "mlp-s"}, 413, "(max_rows)"),
+    ("more rows, refused from the header before loading", "header-rows", {"arch": "mlp-s"}, 413, "(max_rows)"),
+    ("rows x classes over the limit", "rows-x-classes", {"arch": "mlp-s", "n": 1}, 413, "(max_rows_x_classes)"),
     ("unknown arch", "ok", {"arch": "nope"}, 404, "Unknown arch"),
 ])
 def test_bad_uploads_are_4xx_json(client, serve_home, case, data, request_part, status, says):
     """Each case is refused by the guard it names (the message says which)."""
     x, y = np.random.default_rng(0).random((40, 64), dtype=np.float32), np.arange(40) % 4
     marker = serve_home / "unpickled"
-    bomb_rows = 4 * MAX_UPLOAD // 256 + 1  # zeros: a few kB compressed, 4x the upload limit inflated
+    bomb = np.zeros(MAX_UPLOAD + 1, np.float32)  # another array: a few kB compressed, past 4x the upload limit inflated
     data = {
         "ok": lambda: npz(x=x, y=y), "no-x": lambda: npz(y=y), "short-y": lambda: npz(x=x, y=y[:-1]),
         "pickle": lambda: pickled_npz(marker), "nan": lambda: npz(x=np.where(x > 0.9, np.nan, x), y=y),
-        "bomb": lambda: npz(x=np.zeros((bomb_rows, 64), np.float32), y=np.arange(bomb_rows) % 4),
+        "bomb": lambda: npz(x=x, y=y, z=bomb),
         "big": lambda: np.random.default_rng(1).bytes(MAX_UPLOAD + 1),
         "rows": lambda: npz(x=np.zeros((SERVE_ARGS["max_rows"] + 1, 64), np.float32), y=np.arange(3001) % 4),
+        "header-rows": lambda: header_only_npz(SERVE_ARGS["max_rows"] + 1),
+        "rows-x-classes": lambda: npz(x=np.zeros((2700, 64), np.float32), y=np.arange(2700)),
     }.get(data, lambda: data)() if isinstance(data, str) else data
     r = upload(client, data, request_part)
     assert r.status_code == status, (case, r.status_code, r.text)
@@ -642,6 +662,21 @@ def test_headers_over_the_cap_are_431(client, base_url):
     assert status == 431 and b"headers over" in data, data
     small = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Ok: " + b"a" * (8 << 10) + b"\r\nConnection: close\r\n\r\n"
     assert raw_status(raw_request(base_url, small))[0] == 200
+
+
+def test_proxy_caps_bodies_in_flight(client, base_url):
+    """Serve's proxy reads every body as it arrives, whatever the ingress does with it: it refuses
+    a body over its cap (3 MiB here, conftest) and, while 4 uploads and 2 JSON bodies fill its
+    budget (10 MiB), any further body, before reading either (413 / 503 + Retry-After)."""
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    status, data = raw_status(raw_request(base_url, head % (4 << 20), b"{"))
+    assert status == 413 and b"over 3145728 bytes" in data, data
+    socks = [trickler(base_url, multipart=True) for _ in range(4)] + [trickler(base_url, multipart=False) for _ in range(2)]
+    r = until_status(lambda: client.post("/v1/generate", json=OK), 503, 2)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) > 0 and "as many request bodies" in r.text, r.text
+    for s in socks:
+        assert raw_status(s)[0] == 408
+    check_weights(client.post("/v1/generate", json=OK))
 
 
 # ---------------------------------------------------------------- timeouts; a replica dies (both leave it serving)

@@ -4,7 +4,11 @@ The local Ray instance is closed to the network: its node address is 127.0.0.1, 
 object manager and workers listen on loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray's
 switch for a single-machine instance; without it Ray binds the host's network address), and Ray's
 token authentication stays on (the default for a local instance in this Ray version; the token is
-``~/.ray/auth_token`` or ``$RAY_AUTH_TOKEN_PATH``). Only the HTTP proxy listens on ``--host``.
+``~/.ray/auth_token`` or ``$RAY_AUTH_TOKEN_PATH``). Only the HTTP proxy listens on ``--host``, with
+the caps of ``serving/proxy.py``. One exception Ray does not let us change: each Serve replica's
+inter-deployment gRPC server binds ``[::]:0`` (hard-coded in Ray Serve 2.60); it checks the token.
+A Ray client of this instance needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` too, or it dials the
+host's address.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import signal
 
 LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1: every Ray port on loopback
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.proxy:setup",  # the proxy's header cap
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.proxy:setup",  # the proxy's header and body caps
 }
 
 

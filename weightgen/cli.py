@@ -159,11 +159,16 @@ def default_out(a) -> str:
 
 
 def cmd_sample(a) -> int:
+    import torch
+
     from weightgen.outputs import check_out_dir
     from weightgen.sampling import sample, write
 
     out_dir = a.out or default_out(a)
     check_out_dir(out_dir)  # an unusable --out fails now, not after sampling
+    # weights depend on the intra-op thread count at ~1e-6 (float sums split differently across
+    # threads); servers sample with 1 thread per replica, and so does this by default: same bytes
+    torch.set_num_threads(a.torch_threads)
     res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
                  instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty, head=a.head,
                  support_per_class=a.support_per_class, text_encoder=a.text_encoder)
@@ -317,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine", type=_int_in(0, None, "--refine"), default=0, metavar="K",
                    help="K gradient steps on the support set after sampling (off by default; declared in the manifest)")
     s.add_argument("--no-novelty", action="store_true", help="skip the novelty check against the zoo")
+    s.add_argument("--torch-threads", type=_int_in(1, None, "--torch-threads"), default=1,
+                   help="torch threads (default 1, as a server replica: the same request gives the same bytes)")
     s.add_argument("--out", help="output directory (default: $WEIGHTGEN_HOME/samples/ARCH_DATASET_seedSEED)")
     s.add_argument("--json", action="store_true", help="print the manifest")
     s.set_defaults(fn=cmd_sample)

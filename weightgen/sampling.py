@@ -290,6 +290,7 @@ def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGen
         "predicted_accuracy_interval": list(wilson_interval(correct, est_n)) if est_n else None,
         "predicted_accuracy_n": est_n, "predicted_accuracy_basis": split.basis,
         "refine_steps": refine_steps, "zero_shot": refine_steps == 0, "seconds": round(time.time() - t0, 3),
+        "torch_threads": torch.get_num_threads(),  # the bytes depend on it (~1e-6): part of what reproduces them
     }
     if novelty:
         from weightgen.novelty import novelty_vs_zoo

@@ -251,9 +251,10 @@ def test_request_options_reach_the_sampler(client):
         assert r.status_code == 422 and r.json()["error"], (bad, r.text)
 
 
-def test_instruction_alone(client):
+def test_instruction_alone(client, serve_home):
     """No data: a generator that reads text makes weights for the classes the instruction names;
-    no accuracy is claimed, and the manifest and headers say so."""
+    no accuracy is claimed, and the manifest and headers say so. Another text encoder goes through
+    an XBT projection once one is fitted (before: a 422 saying how to fit one)."""
     from safetensors.torch import load
 
     req = {"arch": "mlp-s", "instruction": "classify handwritten 2, 7 and 9", "n": 2, "novelty": False}
@@ -272,6 +273,15 @@ def test_instruction_alone(client):
                               ({"text_encoder": "no-such-encoder"}, 404, "no-such-encoder")]:
         e = client.post("/v1/generate", json={**req, **bad})
         assert e.status_code == status and says in json.dumps(e.json()), (bad, e.status_code, e.text)
+    from weightgen.xbt import fit
+
+    fit("minilm-l6", "paraphrase-minilm-l3", serve_home / "xbt" / "paraphrase-minilm-l3__to__minilm-l6", steps=30,
+        tasks=10, max_sentences=20, show_progress=False)  # where the replicas look: their home's xbt/
+    p = client.post("/v1/generate", json={**req, "text_encoder": "paraphrase-minilm-l3"})
+    assert p.status_code == 200, p.text
+    text = json.loads(metadata(p.content)["weightgen"])["manifest"]["conditions"]["text"]
+    assert text["text_encoder"]["name"] == "paraphrase-minilm-l3"
+    assert text["projection"]["from"] == "paraphrase-minilm-l3" and text["projection"]["to"] == "minilm-l6"
 
 
 def test_catalogue(client):

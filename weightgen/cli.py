@@ -161,11 +161,16 @@ def default_out(a) -> str:
 def cmd_sample(a) -> int:
     import torch
 
+    from weightgen.archs import get_arch
     from weightgen.outputs import check_out_dir
     from weightgen.sampling import sample, write
 
     out_dir = a.out or default_out(a)
     check_out_dir(out_dir)  # an unusable --out fails now, not after sampling
+    if get_arch(a.arch).family in ("vit", "resnet"):  # a head on a stored backbone (issue 10)
+        from weightgen.backbone_cli import cmd_sample_backbone
+
+        return cmd_sample_backbone(a, out_dir)
     # weights depend on the intra-op thread count at ~1e-6 (float sums split differently across
     # threads); servers sample with 1 thread per replica, and so does this by default: same bytes
     torch.set_num_threads(a.torch_threads)
@@ -326,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1, as a server replica: the same request gives the same bytes)")
     s.add_argument("--out", help="output directory (default: $WEIGHTGEN_HOME/samples/ARCH_DATASET_seedSEED)")
     s.add_argument("--json", action="store_true", help="print the manifest")
+    s.add_argument("--backbone", help="vit-*/resnet-*: stored backbone id (default: the generator's, or the only one)")
+    _zoo_arg(s)
     s.set_defaults(fn=cmd_sample)
 
     xp = sub.add_parser("xbt", help="XBT projections: use a new text encoder with generators trained on an old one"
@@ -354,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_quickstart)
 
+    from weightgen.backbone_cli import add_parsers
+
+    add_parsers(sub, zp, arch_arg, _zoo_arg, _int_in)
     from weightgen.eval_cli import add_eval_parser
 
     add_eval_parser(sub)

@@ -1,0 +1,98 @@
+"""CLI for backbone archs (issue 10): ``zoo add-backbone``, ``zoo backbones``, ``heads train`` and
+``sample`` for vit-*/resnet-18. Kept apart from ``weightgen/cli.py`` so that file stays small;
+it registers these parsers and hands ``sample`` here when the arch takes a backbone."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def cmd_add_backbone(a) -> int:
+    from weightgen.backbones import add_from_source
+    from weightgen.paths import default_zoo
+    from zoo import open_zoo
+
+    bid, fresh = add_from_source(open_zoo(a.zoo or default_zoo()), a.src, a.arch)
+    print(json.dumps({"id": bid, "arch": a.arch, "stored": fresh,
+                      "note": "stored" if fresh else "already in the zoo (same content): nothing written"}, indent=1))
+    return 0
+
+
+def cmd_backbones(a) -> int:
+    from weightgen.paths import default_zoo
+    from zoo import open_zoo
+    from zoo.backbones import list_backbones
+
+    recs = list_backbones(open_zoo(a.zoo or default_zoo(), mode="r"), a.arch)
+    print(json.dumps([{k: r.get(k) for k in ("id", "arch", "source", "num_params", "preprocessing")} for r in recs],
+                     indent=1))
+    return 0
+
+
+def cmd_heads_train(a) -> int:
+    from training.heads import train_from_cli
+
+    print(json.dumps(train_from_cli(a), indent=1))
+    return 0
+
+
+def cmd_sample_backbone(a, out_dir: str) -> int:
+    """``weightgen sample`` for an arch that sits on a stored backbone."""
+    import torch
+
+    from weightgen.backbone_sampling import sample_on_backbone, write_folder
+    from weightgen.sampling import RequestError
+
+    if not a.dataset:
+        raise RequestError(f"{a.arch} needs --dataset (labelled images: the head is conditioned on their features)")
+    if a.instruction:
+        raise RequestError(f"{a.arch}: instruction-only sampling is not supported for backbone heads")
+    torch.set_num_threads(a.torch_threads)
+    res = sample_on_backbone(a.arch, a.dataset, zoo_url=getattr(a, "zoo", None), backbone=a.backbone,
+                             generator=a.generator, n=a.n, select=a.select, seed=a.seed, head=a.head,
+                             support_per_class=a.support_per_class, refine_steps=a.refine)
+    out = write_folder(res, out_dir)
+    m = res.manifest
+    for w in m["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    if a.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    pred = ("n/a (too few examples to set any aside)" if m["predicted_accuracy"] is None else
+            f"{m['predicted_accuracy']:.3f} [{m['predicted_accuracy_interval'][0]:.3f}, "
+            f"{m['predicted_accuracy_interval'][1]:.3f}] on {m['predicted_accuracy_n']} held-out examples")
+    gen = m["generated_head_support_accuracy"]
+    print(f"wrote {out} ({m['arch']} on backbone {m['backbone']['id'][:12]}, {m['num_classes']} classes, "
+          f"head {m['head_used']}): support acc {m['support_accuracy']:.3f}, predicted acc {pred}"
+          + (f"; generated head support acc {gen:.3f} ({m['generator']})" if gen is not None else ""))
+    return 0
+
+
+def add_parsers(sub, zoo_sub, arch_arg, zoo_arg, int_in) -> None:
+    s = zoo_sub.add_parser("add-backbone", help="store a pretrained backbone once (HF folder or hub id)")
+    s.add_argument("src", help="a Hugging Face model folder (config.json + model.safetensors) or a hub id")
+    s.add_argument("--arch", required=True, type=arch_arg, help="vit-t, vit-s or resnet-18")
+    zoo_arg(s)
+    s.set_defaults(fn=cmd_add_backbone)
+    s = zoo_sub.add_parser("backbones", help="list stored backbones")
+    s.add_argument("--arch")
+    zoo_arg(s)
+    s.set_defaults(fn=cmd_backbones)
+
+    hp = sub.add_parser("heads", help="head generators on stored backbones").add_subparsers(dest="heads_command",
+                                                                                            required=True)
+    s = hp.add_parser("train", help="build a head zoo on cached features and train a feature-head generator")
+    s.add_argument("--dataset", required=True, help="source dataset (its train split's features are cached)")
+    s.add_argument("--backbone", help="backbone id or prefix (default: the only one of --arch)")
+    s.add_argument("--arch", default=None, type=arch_arg)
+    s.add_argument("--classes", help="source classes the head zoo draws tasks from (default: all)")
+    s.add_argument("--tasks", type=int_in(1, None, "--tasks"), default=200)
+    s.add_argument("--max-classes", type=int_in(2, None, "--max-classes"), default=10)
+    s.add_argument("--per-class", type=int_in(1, None, "--per-class"), default=16)
+    s.add_argument("--steps", type=int_in(0, None, "--steps"), default=600)
+    s.add_argument("--hidden", type=int_in(1, None, "--hidden"), default=256)
+    s.add_argument("--seed", type=int_in(0, 2**63 - 1, "--seed"), default=0)
+    s.add_argument("--name", help="generator name (default feature-head-ARCH-BACKBONE)")
+    s.add_argument("--no-progress", action="store_true")
+    zoo_arg(s)
+    s.set_defaults(fn=cmd_heads_train)

@@ -243,3 +243,39 @@ def test_generated_head_without_a_generator_is_a_clear_error(tmp_path, monkeypat
     assert main(["sample", "--arch", "vit-s", "--dataset", "cifar10", "--head", "generated",
                  "--out", str(tmp_path / "d"), *zoo]) == 2
     assert "No trained head generator" in capsys.readouterr().err
+
+
+def test_feature_head_contract_loss_falls_samples_reload_and_follow_class_order(tmp_path):
+    from training.heads import build_head_zoo, task_batch
+    from weightgen.generators import Condition, get_generator_class, resolve_preset
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 12, generator=g) * 2
+    y = torch.arange(6).repeat_interleave(40)
+    f = centres[y] + torch.randn(len(y), 12, generator=g)
+    hz = build_head_zoo(f, y, list(range(6)), arch="vit-s", input_shape=(3, 32, 32), backbone_id="ab" * 32,
+                        tasks=20, class_counts=(2, 4), per_class=8, progress=False)
+    _, cfg = resolve_preset("feature-head-tiny")
+    torch.manual_seed(0)
+    gen = get_generator_class("feature-head").from_zoo(hz, **cfg)
+    batch = task_batch(hz, 8, 8, 16, torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-2)
+    before = float(gen.loss(batch)["loss"].detach())
+    for _ in range(40):
+        out = gen.loss(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert float(gen.loss(batch)["loss"].detach()) < 0.8 * before
+    gen.eval()
+    support = torch.stack([f[y == c][:8] for c in (3, 1, 4)])  # (K, M, D)
+    a = gen.sample(Condition(support), 3, generator=torch.Generator().manual_seed(2))
+    assert a["classifier.weight"].shape == (3, 3, 12) and a["classifier.bias"].shape == (3, 3)
+    gen.save_pretrained(str(tmp_path / "fh"))
+    again = get_generator_class("feature-head").from_pretrained(str(tmp_path / "fh")).eval()
+    b = again.sample(Condition(support), 3, generator=torch.Generator().manual_seed(2))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the first sample reads the whole support: permuting the classes permutes the rows
+    perm = torch.tensor([2, 0, 1])
+    c = gen.sample(Condition(support[perm]), 1)
+    assert torch.allclose(c["classifier.weight"][0], a["classifier.weight"][0][perm], atol=1e-5)

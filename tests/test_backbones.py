@@ -279,3 +279,18 @@ def test_feature_head_contract_loss_falls_samples_reload_and_follow_class_order(
     perm = torch.tensor([2, 0, 1])
     c = gen.sample(Condition(support[perm]), 1)
     assert torch.allclose(c["classifier.weight"][0], a["classifier.weight"][0][perm], atol=1e-5)
+
+
+def test_backbone_train_on_cpu_adds_a_usable_backbone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WEIGHTGEN_DATA", str(write_cifar(tmp_path / "data")))
+    zoo = ["--zoo", str(tmp_path / "zoo")]
+    assert main(["backbone", "train", "--arch", "vit-s", "--dataset", "cifar10:classes=0,1,2", "--size", "tiny",
+                 "--epochs", "2", "--batch-size", "16", "--out", str(tmp_path / "bb"), "--no-progress", *zoo]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps"] > 0 and 0 <= res["test_acc"] <= 1
+    from transformers import ViTForImageClassification
+
+    assert ViTForImageClassification.from_pretrained(str(tmp_path / "bb")).config.hidden_size == 32
+    assert main(["sample", "--arch", "vit-s", "--dataset", "cifar10:classes=3,4", "--backbone", res["backbone"][:12],
+                 "--out", str(tmp_path / "d"), *zoo]) == 0
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["backbone"]["id"] == res["backbone"]

@@ -36,6 +36,15 @@ def cmd_heads_train(a) -> int:
     return 0
 
 
+def cmd_backbone_train(a) -> int:
+    from training.backbone import train_backbone
+
+    print(json.dumps(train_backbone(a.arch, a.dataset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                                    size=a.size, out=a.out, zoo_url=a.zoo, seed=a.seed,
+                                    progress=not a.no_progress), indent=1))
+    return 0
+
+
 def cmd_sample_backbone(a, out_dir: str) -> int:
     """``weightgen sample`` for an arch that sits on a stored backbone."""
     import torch
@@ -78,6 +87,21 @@ def add_parsers(sub, zoo_sub, arch_arg, zoo_arg, int_in) -> None:
     s.add_argument("--arch")
     zoo_arg(s)
     s.set_defaults(fn=cmd_backbones)
+
+    bp = sub.add_parser("backbone", help="backbones for vit-*/resnet-18").add_subparsers(dest="backbone_command",
+                                                                                        required=True)
+    s = bp.add_parser("train", help="train a backbone on a dataset (accelerate) and add it to the zoo")
+    s.add_argument("--arch", required=True, type=arch_arg)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--epochs", type=int_in(1, None, "--epochs"), default=30)
+    s.add_argument("--batch-size", type=int_in(1, None, "--batch-size"), default=128)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: a smoke-test size for CPUs")
+    s.add_argument("--seed", type=int_in(0, 2**63 - 1, "--seed"), default=0)
+    s.add_argument("--out", help="folder for the transformers model (default: $WEIGHTGEN_HOME/backbones/...)")
+    s.add_argument("--no-progress", action="store_true")
+    zoo_arg(s)
+    s.set_defaults(fn=cmd_backbone_train)
 
     hp = sub.add_parser("heads", help="head generators on stored backbones").add_subparsers(dest="heads_command",
                                                                                             required=True)

@@ -89,7 +89,7 @@ def run(args) -> dict:
     hz = build_head_zoo(ftr, ytr, src, arch="vit-s", input_shape=(3, 32, 32), backbone_id=bid, tasks=300,
                         class_counts=(2, 5), per_class=args.shots, progress=False)
     t0 = time.time()
-    gen, _ = train_feature_head(hz, steps=args.steps, hidden=128, support_per_class=args.shots, progress=False)
+    gen, _ = train_feature_head(hz, steps=args.steps, hidden=args.hidden, support_per_class=args.shots, progress=False)
     gen_s = time.time() - t0
     g = torch.Generator().manual_seed(1)
     rows = {m: [] for m in ("generated (first)", "generated (mean of 8)", "generated (best of 8 on support)",
@@ -135,4 +135,5 @@ if __name__ == "__main__":
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--hidden", type=int, default=128)
     print(json.dumps(run(p.parse_args()), indent=1))

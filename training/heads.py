@@ -77,20 +77,23 @@ def task_batch(zoo: HeadZoo, batch: int, cond_per_class: int, query_per_class: i
     k = len(zoo.classes[int(torch.randint(len(zoo.classes), (1,), generator=g))])
     same = [i for i, c in enumerate(zoo.classes) if len(c) == k]
     pick = [same[i] for i in torch.randint(len(same), (batch,), generator=g).tolist()]
-    means, query, qy = [], [], []
+    means, var, query, qy = [], [], [], []
     for t in pick:
-        m, q = [], []
+        m, v, q = [], [], []
         for c in zoo.classes[t]:
             idx = (zoo.labels == c).nonzero().flatten()
             idx = idx[torch.randperm(len(idx), generator=g)]
             m.append(zoo.features[idx[:cond_per_class]].mean(0))
+            v.append(zoo.features[idx[:cond_per_class]].var(0) if cond_per_class > 1 else m[-1])
             q.append(zoo.features[idx[cond_per_class:cond_per_class + query_per_class]])
         n_q = min(len(x) for x in q)
         means.append(torch.stack(m))
+        var.append(torch.stack(v).mean(0))
         query.append(torch.cat([x[:n_q] for x in q]))
         qy.append(torch.arange(k).repeat_interleave(n_q))
     n = min(len(x) for x in qy)
-    return {"means": torch.stack(means), "query": torch.stack([x[:n] for x in query]),
+    out = {"var": torch.stack(var)} if cond_per_class > 1 else {}  # one example per class has no spread
+    return {**out, "means": torch.stack(means), "query": torch.stack([x[:n] for x in query]),
             "query_y": torch.stack([y[:n] for y in qy]),
             "target_w": torch.stack([zoo.heads_w[t] for t in pick]), "target_b": torch.stack([zoo.heads_b[t] for t in pick])}
 

@@ -39,14 +39,15 @@ class FeatureHead(WeightGenerator):
     def __init__(self, arch: str = "vit-s", input_shape: tuple = (3, 32, 32), backbone_id: str = "",
                  feature_dim: int = 384, hidden: int = 256, mode: str = "head", train_num_classes: int | None = None,
                  train_class_counts: tuple = (2, 10), support_per_class: int = 16,
-                 weight_key: str = "classifier.weight", bias_key: str = "classifier.bias", feature: str = "backbone"):
+                 weight_key: str = "classifier.weight", bias_key: str = "classifier.bias", feature: str = "backbone",
+                 condition_variance: bool = True):
         super().__init__()
         d = feature_dim
         self.register_buffer("feat_mean", torch.zeros(d))
         self.register_buffer("feat_std", torch.ones(d))
         self.lin = nn.Linear(d, d, bias=False)
         nn.init.eye_(self.lin.weight)
-        self.enc = _mlp(d, hidden, hidden)
+        self.enc = _mlp(2 * d, hidden, hidden)
         self.dec = _mlp(2 * hidden + d, hidden, d + 1)
         nn.init.zeros_(self.dec[-1].weight)  # starts as the linear rule; the correction is learned
         nn.init.zeros_(self.dec[-1].bias)
@@ -74,22 +75,29 @@ class FeatureHead(WeightGenerator):
     def standardize(self, f: torch.Tensor) -> torch.Tensor:
         return (f - self.feat_mean) / self.feat_std
 
-    def heads(self, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardized class means (B, K, D) -> head (W (B, K, D), b (B, K)) on standardized features."""
+    def heads(self, means: torch.Tensor, var: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardized class means (B, K, D) and the pooled within-class variance (B, D) of the same
+        draw -> head (W (B, K, D), b (B, K)) on standardized features. The variance is optional (one
+        example per class has none): then 1, the training features' own scale."""
         centre = means.mean(1, keepdim=True)  # (B, 1, D)
         rel = means - centre
-        h = self.enc(rel)  # (B, K, H)
+        if var is None or not self.config.condition_variance:
+            var = torch.ones_like(means[:, 0])
+        scaled = rel / (var[:, None] + 0.1)  # (B, K, D): the class mean in units of its spread
+        h = self.enc(torch.cat([rel, scaled], -1))  # (B, K, H)
         ctx = h.mean(1, keepdim=True).expand_as(h)
         out = self.dec(torch.cat([h, ctx, rel], -1))  # (B, K, D + 1)
-        w = (self.lin(rel) + out[..., :-1]) * self.log_scale.exp()
+        w = (self.lin(scaled) + out[..., :-1]) * self.log_scale.exp()
         b = -(w * (centre + 0.5 * rel)).sum(-1) + out[..., -1]
         return w, b
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: ``means`` (B, K, D) raw class means of a conditioning draw, ``query`` (B, Q, D) raw
+        """batch: ``means`` (B, K, D) raw class means of a conditioning draw (``var`` (B, D): its pooled
+        within-class variance), ``query`` (B, Q, D) raw
         features with ``query_y`` (B, Q), ``target_w`` (B, K, D) / ``target_b`` (B, K) the zoo heads
         on raw features."""
-        w, b = self.heads(self.standardize(batch["means"]))
+        var = batch.get("var")
+        w, b = self.heads(self.standardize(batch["means"]), None if var is None else var / self.feat_std ** 2)
         q = self.standardize(batch["query"])
         logits = torch.einsum("bqd,bkd->bqk", q, w) + b[:, None]
         ce = nn.functional.cross_entropy(logits.flatten(0, 1), batch["query_y"].flatten())
@@ -116,7 +124,8 @@ class FeatureHead(WeightGenerator):
         idx = torch.randint(0, m, (n, k, m), generator=generator)
         idx[0] = torch.arange(m)
         draws = torch.gather(s[None].expand(n, -1, -1, -1), 2, idx[..., None].expand(-1, -1, -1, d))
-        w, b = self.to_raw(*self.heads(self.standardize(draws.mean(2))))
+        var = draws.var(2).mean(1) / self.feat_std ** 2 if m > 1 else None  # (n, D) pooled, standardized
+        w, b = self.to_raw(*self.heads(self.standardize(draws.mean(2)), var))
         return {self.config.weight_key: w.contiguous(), self.config.bias_key: b.contiguous()}
 
     def unfit_reason(self, arch: str, input_shape, num_classes: int | None = None, mode: str = "head") -> str | None:

@@ -8,7 +8,7 @@ the second half. On the same cached features: generated head (first sample, mean
 on the support), closed-form shrinkage LDA, a linear probe (logistic regression), nearest class
 mean and weight imprinting (cosine to normalised class means).
 
-    python benchmarks/vit_heads.py [--tasks 40] [--shots 16]
+    python benchmarks/vit_heads.py [--tasks 100] [--shots 16] [--epochs 15] [--steps 400]
 """
 from __future__ import annotations
 
@@ -131,9 +131,9 @@ def run(args) -> dict:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--tasks", type=int, default=40)
+    p.add_argument("--tasks", type=int, default=100)
     p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--hidden", type=int, default=128)
     print(json.dumps(run(p.parse_args()), indent=1))

@@ -219,6 +219,14 @@ def test_trained_head_generator_makes_heads_that_beat_chance_on_heldout_classes(
                  *zoo]) == 0
     m2 = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert m2["head_used"] == "closed_form" and m2["generated_head_support_accuracy"] is not None
+    # a support far from the training features is flagged, one like them is not
+    from weightgen.generators import trained_generators
+    from weightgen.sampling import open_generator
+
+    gen = open_generator(trained_generators()[0].path).model
+    shift = m2["trained_on"]["input_shift"]
+    assert shift["limit"] == gen.config.shift_limit and shift["score"] < 3 * shift["limit"]
+    assert gen.shift_score(gen.feat_mean[None] + 5 * gen.feat_std) > 3 * gen.config.shift_limit
 
 
 def test_resnet_18_backbone_folder(tmp_path, monkeypatch, capsys):

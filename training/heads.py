@@ -118,6 +118,11 @@ def train_feature_head(zoo: HeadZoo, *, steps: int = 600, batch: int = 16, lr: f
         opt.step()
         sched.step()
         hist.append({k: float(v.detach()) for k, v in out.items()})
+    scores = []  # the shift scores of supports like its training ones: requests above the largest are flagged
+    for cls in zoo.classes:
+        rows = torch.cat([(zoo.labels == c).nonzero().flatten()[:support_per_class] for c in cls])
+        scores.append(gen.shift_score(zoo.features[rows]))
+    gen.register_to_config(shift_limit=round(max(scores), 4))
     return gen.eval(), hist
 
 

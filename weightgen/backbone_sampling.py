@@ -132,9 +132,17 @@ def sample_on_backbone(arch: str, dataset: str, *, zoo_url: str | None = None, b
         if not lo <= k <= hi:
             warnings.append(f"{k} classes requested from a generator trained on {lo}..{hi}-class tasks; "
                             f"measured on your data: support accuracy {float(gen_acc.max()):.3f}")
+        limit = gen.config.get("shift_limit")
+        shift = None if limit is None else {"score": round(gen.shift_score(fs), 4), "limit": limit}
+        if shift:
+            shift["shifted"] = shift["score"] > limit
+            if shift["shifted"]:
+                warnings.append(f"your images' features differ from those the generator was trained on (shift score "
+                                f"{shift['score']:.2f}, training supports at most {limit:.2f}); generated heads may "
+                                f"not fit them — generated head support accuracy {float(gen_acc.max()):.3f}")
         gen_info = {"name": loaded.name, "class": loaded.info["class"], "zoo_snapshot": loaded.info["zoo_snapshot"],
                     "trained_on": {"class_counts": [lo, hi], "tasks": loaded.training_tasks,
-                                   "backbone_id": gen.config.backbone_id}}
+                                   "backbone_id": gen.config.backbone_id, "input_shift": shift}}
     else:
         warnings.append(f"no trained head generator for backbone {rec['id'][:12]}: the head is closed-form only "
                         f"(shrinkage LDA on your support's features); train one with `weightgen heads train`")

@@ -40,7 +40,7 @@ class FeatureHead(WeightGenerator):
                  feature_dim: int = 384, hidden: int = 256, mode: str = "head", train_num_classes: int | None = None,
                  train_class_counts: tuple = (2, 10), support_per_class: int = 16,
                  weight_key: str = "classifier.weight", bias_key: str = "classifier.bias", feature: str = "backbone",
-                 condition_variance: bool = True):
+                 condition_variance: bool = True, shift_limit: float | None = None):
         super().__init__()
         d = feature_dim
         self.register_buffer("feat_mean", torch.zeros(d))
@@ -106,6 +106,12 @@ class FeatureHead(WeightGenerator):
         gw = w - w.mean(1, keepdim=True)
         rel = ((gw - tw) ** 2).mean() / (tw ** 2).mean().clamp_min(1e-8)
         return {"loss": ce + batch.get("zoo_weight", 1.0) * rel, "ce": ce.detach(), "zoo_mse": rel.detach()}
+
+    def shift_score(self, feats: torch.Tensor) -> float:
+        """How far a support's features sit from the training features: the RMS over dimensions of
+        their mean in training-feature standard deviations. Training records the largest score of
+        its own head-zoo supports (``shift_limit``); a request above it is flagged."""
+        return float(self.standardize(feats.float()).mean(0).pow(2).mean().sqrt())
 
     def to_raw(self, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A head on standardized features as one on raw features: w/s . x + (b - w/s . m)."""

@@ -302,3 +302,17 @@ def test_backbone_train_on_cpu_adds_a_usable_backbone(tmp_path, monkeypatch, cap
     assert main(["sample", "--arch", "vit-s", "--dataset", "cifar10:classes=3,4", "--backbone", res["backbone"][:12],
                  "--out", str(tmp_path / "d"), *zoo]) == 0
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["backbone"]["id"] == res["backbone"]
+
+
+def test_a_writer_that_loses_the_commit_race_reports_a_duplicate_and_leaves_no_data(tmp_path, monkeypatch):
+    from zoo import open_zoo
+
+    bid, _ = add(tmp_path, tiny_vit(tmp_path / "vit"))
+    z = open_zoo(str(tmp_path / "zoo"))
+    monkeypatch.setattr(z, "_exists", lambda key: False)  # it listed the zoo before the other writer committed
+    from weightgen.backbones import read_source
+    from zoo.backbones import add_backbone
+
+    tensors, config, prep, where = read_source(str(tmp_path / "vit"), "vit-s")
+    assert add_backbone(z, tensors, "vit-s", config, prep, source=where) == (bid, False)
+    assert len([k for k in z.root[f"backbones/{bid}"].group_keys() if k.startswith("data-")]) == 1

@@ -316,3 +316,15 @@ def test_a_writer_that_loses_the_commit_race_reports_a_duplicate_and_leaves_no_d
     tensors, config, prep, where = read_source(str(tmp_path / "vit"), "vit-s")
     assert add_backbone(z, tensors, "vit-s", config, prep, source=where) == (bid, False)
     assert len([k for k in z.root[f"backbones/{bid}"].group_keys() if k.startswith("data-")]) == 1
+
+
+def test_quickstart_vit_s_with_a_backbone_then_sample(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WEIGHTGEN_DATA", str(write_cifar(tmp_path / "data")))
+    src = tiny_vit(tmp_path / "vit")
+    argv = ["quickstart", "--arch", "vit-s", "--dataset", "cifar10", "--backbone", str(src), "--fast", "--no-progress"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # idempotent
+    assert "already in the zoo" in capsys.readouterr().err
+    assert main(["sample", "--arch", "vit-s", "--dataset", "cifar10", "--out", str(tmp_path / "d")]) == 0
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert m["generator"].startswith("feature-head-vit-s-") and m["generated_head_support_accuracy"] > 0.1

@@ -45,6 +45,46 @@ def cmd_backbone_train(a) -> int:
     return 0
 
 
+def cmd_quickstart_backbone(a) -> int:
+    """``weightgen quickstart --arch vit-s --dataset cifar10 [--backbone SRC]``: the backbone (stored
+    from SRC, or trained: it says how long first), then a head generator on it; idempotent."""
+    import time
+    from argparse import Namespace
+
+    from weightgen.backbones import add_from_source, family_of
+    from weightgen.generators import trained_generators
+    from weightgen.paths import default_zoo
+    from weightgen.sampling import RequestError
+    from zoo import open_zoo
+
+    family_of(a.arch)
+    if not a.dataset:
+        raise RequestError(f"quickstart --arch {a.arch} needs --dataset (the images its head zoo is built from)")
+    t0, zoo_url = time.time(), default_zoo()
+    if a.backbone:
+        bid, fresh = add_from_source(open_zoo(zoo_url), a.backbone, a.arch)
+        print(f"[quickstart] backbone {bid[:12]}: {'stored' if fresh else 'already in the zoo'}", file=sys.stderr)
+    else:
+        from training.backbone import train_backbone
+
+        size = "tiny" if a.fast else "full"
+        print(f"[quickstart] no --backbone: training a {size} {a.arch} on {a.dataset} (a GPU is much faster; the time "
+              f"it will take is printed after 5 steps)", file=sys.stderr)
+        bid = train_backbone(a.arch, a.dataset, epochs=2 if a.fast else 30, size=size,
+                             progress=not a.no_progress)["backbone"]
+    name = f"feature-head-{a.arch}-{bid[:8]}"
+    if any(g.name == name for g in trained_generators()):
+        print(f"[quickstart] generator {name}: already trained; skipping", file=sys.stderr)
+    else:
+        cmd_heads_train(Namespace(zoo=None, backbone=bid, arch=a.arch, dataset=a.dataset, classes=None,
+                                  tasks=50 if a.fast else 300, max_classes=10, per_class=16,
+                                  steps=100 if a.fast else 400, hidden=128, seed=0, name=name,
+                                  no_progress=a.no_progress))
+    print(f"[quickstart] done in {time.time() - t0:.0f} s. Next: weightgen sample --arch {a.arch} --dataset "
+          f"{a.dataset} --out DIR", file=sys.stderr)
+    return 0
+
+
 def cmd_sample_backbone(a, out_dir: str) -> int:
     """``weightgen sample`` for an arch that sits on a stored backbone."""
     import torch
@@ -78,6 +118,14 @@ def cmd_sample_backbone(a, out_dir: str) -> int:
 
 
 def add_parsers(sub, zoo_sub, arch_arg, zoo_arg, int_in) -> None:
+    """The subcommands above, and the options ``sample`` and ``quickstart`` take for backbone archs."""
+    s = sub.choices["sample"]
+    s.add_argument("--backbone", help="vit-*/resnet-*: stored backbone id (default: the generator's, or the only one)")
+    zoo_arg(s)
+    s = sub.choices["quickstart"]
+    s.add_argument("--arch", type=arch_arg, help="vit-t/vit-s/resnet-18: a head generator on a backbone (default mlp-s)")
+    s.add_argument("--dataset", help="with --arch: the dataset its head zoo is built from (e.g. cifar10)")
+    s.add_argument("--backbone", help="with --arch: a pretrained backbone (HF folder or hub id); none: train one")
     s = zoo_sub.add_parser("add-backbone", help="store a pretrained backbone once (HF folder or hub id)")
     s.add_argument("src", help="a Hugging Face model folder (config.json + model.safetensors) or a hub id")
     s.add_argument("--arch", required=True, type=arch_arg, help="vit-t, vit-s or resnet-18")

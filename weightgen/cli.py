@@ -219,6 +219,11 @@ def cmd_xbt_eval(a) -> int:
 def cmd_quickstart(a) -> int:
     from weightgen.quickstart import quickstart
 
+    if getattr(a, "arch", None) not in (None, "mlp-s"):  # a head generator on a backbone (issue 10)
+        from weightgen.backbone_cli import cmd_quickstart_backbone
+
+        return cmd_quickstart_backbone(a)
+
     quickstart(fast=a.fast, show_progress=not a.no_progress)
     return 0
 
@@ -331,8 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1, as a server replica: the same request gives the same bytes)")
     s.add_argument("--out", help="output directory (default: $WEIGHTGEN_HOME/samples/ARCH_DATASET_seedSEED)")
     s.add_argument("--json", action="store_true", help="print the manifest")
-    s.add_argument("--backbone", help="vit-*/resnet-*: stored backbone id (default: the generator's, or the only one)")
-    _zoo_arg(s)
     s.set_defaults(fn=cmd_sample)
 
     xp = sub.add_parser("xbt", help="XBT projections: use a new text encoder with generators trained on an old one"

@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import sys  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's packages, not another install's
 
@@ -45,14 +43,15 @@ def write_cifar(root: Path, per_class: int) -> None:
 def run_cli(args: list[str], env: dict) -> tuple[float, float, int]:
     """(wall s, peak RSS MiB of the child, return code)."""
     t0 = time.time()
-    err = tempfile.TemporaryFile()
-    p = subprocess.Popen([sys.executable, "-m", "weightgen.cli", *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-    _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (peak RSS in KiB on Linux)
-    wall = time.time() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    if rc:
-        err.seek(0)
-        print(err.read().decode()[-2000:], file=sys.stderr)
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen([sys.executable, "-m", "weightgen.cli", *args], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (peak RSS in KiB on Linux)
+        wall = time.time() - t0
+        rc = os.waitstatus_to_exitcode(status)
+        if rc:
+            err.seek(0)
+            print(err.read().decode()[-2000:], file=sys.stderr)
     return wall, usage.ru_maxrss / 1024, rc
 
 

@@ -86,6 +86,7 @@ def test_add_backbone_is_stored_once_by_content_and_read_back_exactly(tmp_path, 
     assert set(tensors) == {k[len("vit."):] for k in orig if k.startswith("vit.")}
     assert all(torch.equal(tensors[k[4:]], v) for k, v in orig.items() if k.startswith("vit."))
     assert rec["preprocessing"]["size"] == {"height": 32, "width": 32}  # config default: ViT image size
+    assert rec["size_matches_arch"] is False  # a 32-wide ViT stored as vit-s: allowed, and recorded
     assert rec["preprocessing"]["image_mean"] == [0.5, 0.5, 0.5]
 
 
@@ -240,6 +241,12 @@ def test_resnet_18_backbone_folder(tmp_path, monkeypatch, capsys):
     _check_folder(out, ResNetForImageClassification, NAMES[:3])
     prep = json.loads((out / "preprocessor_config.json").read_text())
     assert prep["image_mean"] == [0.4, 0.4, 0.4]  # exactly the backbone's own processor config
+    # gradient steps only when asked, and then declared
+    assert json.loads((out / "manifest.json").read_text())["zero_shot"] is True
+    assert main(["sample", "--arch", "resnet-18", "--dataset", "cifar10:classes=0,1,2", "--refine", "5",
+                 "--out", str(tmp_path / "r"), *zoo]) == 0
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert m["refine_steps"] == 5 and m["zero_shot"] is False
 
 
 def test_generated_head_without_a_generator_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -29,7 +29,8 @@ def test_fine_coarse_and_class_subsets(tmp_path, monkeypatch):
     monkeypatch.setenv("WEIGHTGEN_DATA", str(tmp_path))
     fine = load_dataset("cifar100")
     assert fine.num_classes == 100 and fine.x_train.shape == (60, 3, 32, 32) and fine.class_names[7] == "fine7"
-    raw = pickle.load(open(d / "train", "rb"), encoding="latin1")
+    with open(d / "train", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
     assert torch.equal(fine.x_train[0], torch.from_numpy(raw[b"data"][0].reshape(3, 32, 32) / np.float32(255)))
     coarse = load_dataset(f"cifar100:labels=coarse;dir={d}")
     assert coarse.num_classes == 20 and torch.equal(coarse.y_train, fine.y_train // 5)

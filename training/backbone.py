@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-TINY = {"vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-        "resnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8)}
+TINY = {"vit": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        "resnet": {"hidden_sizes": [8, 16], "depths": [1, 1], "embedding_size": 8}}
 
 
 def build(arch: str, num_classes: int, input_shape, size: str) -> torch.nn.Module:

@@ -24,7 +24,8 @@ def cmd_backbones(a) -> int:
     from zoo.backbones import list_backbones
 
     recs = list_backbones(open_zoo(a.zoo or default_zoo(), mode="r"), a.arch)
-    print(json.dumps([{k: r.get(k) for k in ("id", "arch", "source", "num_params", "preprocessing")} for r in recs],
+    print(json.dumps([{k: r.get(k) for k in ("id", "arch", "size_matches_arch", "source", "num_params",
+                                             "preprocessing")} for r in recs],
                      indent=1))
     return 0
 

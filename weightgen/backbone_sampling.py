@@ -82,7 +82,7 @@ def find_head_generator(backbone_id: str, arch: str, name: str | None = None):
                                          f"not {backbone_id[:12]} ({arch})")
         return load_generator(str(hits[0].path))
     fits = [g for g in gens if g.config.get("backbone_id") == backbone_id and g.arch == arch]
-    return load_generator(str(sorted(fits, key=lambda g: g.name)[0].path)) if fits else None
+    return load_generator(str(min(fits, key=lambda g: g.name).path)) if fits else None
 
 
 def sample_on_backbone(arch: str, dataset: str, *, zoo_url: str | None = None, backbone: str | None = None,
@@ -161,7 +161,7 @@ def sample_on_backbone(arch: str, dataset: str, *, zoo_url: str | None = None, b
     if refine_steps:
         w, b = _refine(w, b, fs, sy, refine_steps)
     est_n = len(split.y_est)
-    correct = int(round(float(_acc(w[None], b[None], fe, split.y_est)[0]) * est_n)) if est_n else 0
+    correct = round(float(_acc(w[None], b[None], fe, split.y_est)[0]) * est_n) if est_n else 0
     wkey = FAMILIES[fam][2]
     head_sd = {wkey: w.float().contiguous(), wkey[:-len("weight")] + "bias": b.float().contiguous()}
     names = [str(c) for c in (task.class_names or range(k))]
@@ -171,12 +171,13 @@ def sample_on_backbone(arch: str, dataset: str, *, zoo_url: str | None = None, b
         "zoo_snapshot": gen_info["zoo_snapshot"] if gen_info else None, "arch": arch, "dataset": task.name,
         "dataset_fingerprint": task.fingerprint(), "num_classes": k, "input_shape": list(task.input_shape),
         "class_names": names, "seed": seed, "n": n, "select": select, "selected_index": pick,
-        "backbone": {"id": rec["id"], "arch": rec["arch"], "source": rec.get("source"),
+        "backbone": {"id": rec["id"], "arch": rec["arch"], "size_matches_arch": rec.get("size_matches_arch"),
+                     "source": rec.get("source"),
                      "num_params": rec.get("num_params"), "weights_sha256": rec.get("weights_sha256")},
         "generated_part": sorted(head_sd), "mode": "head",
         "conditions": {"features": "backbone class means of the support (cached in the zoo)"},
         "trained_on": gen_info["trained_on"] if gen_info else None, "warnings": warnings,
-        "support_per_class": support_per_class, "support_size": int(len(sy)),
+        "support_per_class": support_per_class, "support_size": len(sy),
         "support_class_counts": torch.bincount(sy, minlength=k).tolist(),
         "condition_per_class": loaded.model.support_per_class if loaded else None,
         "head": head, "head_used": "closed_form" if head == "fit" else "generated", "closed_form": closed,

@@ -125,7 +125,7 @@ def read_folder(folder: str | Path, arch: str) -> tuple[dict[str, torch.Tensor],
         raise BackboneError(f"{p}: config.json does not describe a {model_type} model ({type(e).__name__}: {e})") from None
     rename = {}
     for name in f.declared():
-        base = name[len(prefix):] if name.startswith(prefix) else name
+        base = name.removeprefix(prefix)
         if base.startswith(("classifier.", "pooler.")):
             continue  # the source's own head (and ViTModel's pooler) is not part of the backbone
         rename[name] = to_file.get(base, base)  # module names (saved with save_original_format=False) too
@@ -179,10 +179,22 @@ def read_source(src: str, arch: str) -> tuple[dict[str, torch.Tensor], dict, dic
         return (*read_folder(tmp, arch), f"hub:{src}")
 
 
+_SIZE_KEYS = {"vit": ("hidden_size", "num_hidden_layers", "num_attention_heads"), "resnet": ("hidden_sizes", "depths")}
+
+
+def size_matches_arch(arch: str, config: dict) -> bool:
+    """Whether a backbone's config has the registry arch's size (a 32-wide test ViT stored as
+    ``vit-s`` is allowed, the arch names the family and output class, but the record says so)."""
+    fam = family_of(arch)
+    ref = get_arch(arch).build(2, (3, 32, 32), device="meta").config.to_dict()
+    return all(config.get(k) == ref.get(k) for k in _SIZE_KEYS[fam])
+
+
 def add_from_source(zoo, src: str, arch: str) -> tuple[str, bool]:
     """``weightgen zoo add-backbone``: read, check and store once; returns (id, newly stored)."""
     tensors, config, prep, where = read_source(src, arch)
-    return add_backbone(zoo, tensors, arch, config, prep, source=where, model_type=FAMILIES[family_of(arch)][0])
+    return add_backbone(zoo, tensors, arch, config, prep, source=where, model_type=FAMILIES[family_of(arch)][0],
+                        size_matches_arch=size_matches_arch(arch, config))
 
 
 # --------------------------------------------------------------------------- running it

@@ -75,12 +75,13 @@ def _commit(zoo, base: str) -> dict | None:
 
 
 def add_backbone(zoo, tensors: dict[str, torch.Tensor], arch: str, config: dict, preprocessing: dict,
-                 source: str = "", model_type: str = "") -> tuple[str, bool]:
+                 source: str = "", model_type: str = "", size_matches_arch: bool | None = None) -> tuple[str, bool]:
     """Store a backbone (already validated by the caller); returns (id, newly stored)."""
     if not tensors:
         raise ZooError("a backbone needs at least one tensor")
     bid = backbone_id(tensors, arch, config, preprocessing)
-    record = {"id": bid, "arch": arch, "model_type": model_type, "config": config, "preprocessing": preprocessing,
+    record = {"id": bid, "arch": arch, "model_type": model_type, "size_matches_arch": size_matches_arch,
+              "config": config, "preprocessing": preprocessing,
               "source": source, "weights_sha256": checkpoint_id(tensors),
               "num_params": int(sum(t.numel() for t in tensors.values())),
               "tensors": {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in tensors.items()}}

@@ -54,7 +54,7 @@ class FeatureHead(WeightGenerator):
         self.log_scale = nn.Parameter(torch.zeros(()))
 
     @classmethod
-    def from_zoo(cls, data, **config) -> "FeatureHead":
+    def from_zoo(cls, data, **config) -> FeatureHead:
         """A fresh generator for a head zoo (``training.heads.HeadZoo``: features + fitted heads)."""
         if not hasattr(data, "features") or not hasattr(data, "heads_w"):
             raise TypeError("feature-head trains on a head zoo of a stored backbone (weightgen heads train), "

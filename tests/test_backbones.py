@@ -290,6 +290,8 @@ def test_feature_head_contract_loss_falls_samples_reload_and_follow_class_order(
     again = get_generator_class("feature-head").from_pretrained(str(tmp_path / "fh")).eval()
     b = again.sample(Condition(support), 3, generator=torch.Generator().manual_seed(2))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match="support of backbone features"):  # raw images: a clear error
+        gen.sample(Condition(torch.zeros(3, 2, 3, 32, 32)), 1)
     # the first sample reads the whole support: permuting the classes permutes the rows
     perm = torch.tensor([2, 0, 1])
     c = gen.sample(Condition(support[perm]), 1)

@@ -123,6 +123,10 @@ class FeatureHead(WeightGenerator):
         """n heads for a support of features ``cond.support`` (K, M, D): the first from all M per
         class, the others from bootstrap resamples of each class."""
         s = cond.support.float()
+        if s.ndim != 3:  # e.g. raw images from weightgen.sampling (the HTTP API), which has no backbone path yet
+            raise ValueError(f"feature-head reads a support of backbone features (K, M, D), got shape "
+                             f"{tuple(s.shape)}; sample {self.config.arch} heads with `weightgen sample --arch "
+                             f"{self.config.arch}`, which runs the stored backbone first")
         k, m, d = s.shape
         if d != self.config.feature_dim:
             raise ValueError(f"feature-head reads {self.config.feature_dim}-dim features of backbone "

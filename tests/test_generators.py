@@ -19,7 +19,9 @@ def test_every_generator_has_a_tiny_preset():
     assert set(GENERATORS.names()) <= set(TINY), "contract tests need a tiny preset per generator"
 
 
-@pytest.mark.parametrize("name", GENERATORS.names())
+# head-mode generators on a stored backbone train on a head zoo, not this full-mode mlp-s zoo; their
+# contract (loss falls, samples load, save -> load reproduces) is in tests/test_backbones.py
+@pytest.mark.parametrize("name", [n for n in GENERATORS.names() if "full" in GENERATORS.get(n).capabilities.modes])
 def test_generator_contract(name, zoo_data, tmp_path):
     from weightgen.generators import resolve_preset
 

@@ -161,11 +161,16 @@ def default_out(a) -> str:
 def cmd_sample(a) -> int:
     import torch
 
+    from weightgen.archs import get_arch
     from weightgen.outputs import check_out_dir
     from weightgen.sampling import sample, write
 
     out_dir = a.out or default_out(a)
     check_out_dir(out_dir)  # an unusable --out fails now, not after sampling
+    if get_arch(a.arch).family in ("vit", "resnet"):  # a head on a stored backbone (issue 10)
+        from weightgen.backbone_cli import cmd_sample_backbone
+
+        return cmd_sample_backbone(a, out_dir)
     # weights depend on the intra-op thread count at ~1e-6 (float sums split differently across
     # threads); servers sample with 1 thread per replica, and so does this by default: same bytes
     torch.set_num_threads(a.torch_threads)
@@ -213,6 +218,11 @@ def cmd_xbt_eval(a) -> int:
 
 def cmd_quickstart(a) -> int:
     from weightgen.quickstart import quickstart
+
+    if getattr(a, "arch", None) not in (None, "mlp-s"):  # a head generator on a backbone (issue 10)
+        from weightgen.backbone_cli import cmd_quickstart_backbone
+
+        return cmd_quickstart_backbone(a)
 
     quickstart(fast=a.fast, show_progress=not a.no_progress, extra=tuple(a.extra))
     return 0
@@ -356,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_quickstart)
 
+    from weightgen.backbone_cli import add_parsers
+
+    add_parsers(sub, zp, arch_arg, _zoo_arg, _int_in)
     from weightgen.eval_cli import add_eval_parser
 
     add_eval_parser(sub)

@@ -199,7 +199,7 @@ def _ensure_loaders() -> None:
     if not _LOADED:
         _LOADED = True
         from weightgen.data import digits, files  # noqa: F401
-        for optional in ("mnist", "cifar", "folder"):
+        for optional in ("mnist", "cifar", "cifar100", "folder"):
             try:
                 __import__(f"weightgen.data.{optional}")
             except ModuleNotFoundError as e:  # a loader module not written yet

@@ -116,16 +116,16 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def safe_extract(tgz: Path, dest: Path) -> None:
-    """Extract the archive's ``cifar-10-batches-py/`` into ``dest``, refusing any member that
-    could land elsewhere (absolute path, ``..``, link, device) before writing anything."""
+def safe_extract(tgz: Path, dest: Path, folder: str = FOLDER) -> None:
+    """Extract the archive's ``folder/`` (``cifar-10-batches-py``) into ``dest``, refusing any member
+    that could land elsewhere (absolute path, ``..``, link, device) before writing anything."""
     with tarfile.open(tgz, "r:gz") as tar:
         members = tar.getmembers()
         for m in members:
             p = PurePosixPath(m.name)
-            if p.is_absolute() or ".." in p.parts or not (m.isfile() or m.isdir()) or p.parts[:1] != (FOLDER,):
+            if p.is_absolute() or ".." in p.parts or not (m.isfile() or m.isdir()) or p.parts[:1] != (folder,):
                 raise DatasetError(f"{tgz}: refusing to extract {m.name!r} (absolute path, '..', link or outside "
-                                   f"{FOLDER}/); delete the archive, it is not the official CIFAR-10 one")
+                                   f"{folder}/); delete the archive, it is not the official one")
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **kwargs)
 

@@ -137,3 +137,16 @@ def test_a_separate_package_adds_a_generator_by_entry_point(tmp_path, monkeypatc
         assert gens.class_by_name("MyGen") is gens.get_generator_class("mygen")
     finally:
         gens.GENERATORS._items.pop("mygen", None)
+
+
+def test_generators_import_diffusers_without_dynamo_or_transformers():
+    """Issue 8: `weightgen sample` paid ~1 s for torch._dynamo and ~0.5-1 s for transformers that
+    diffusers imports for features weightgen never uses; both stay importable afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import weightgen.generators.d2nwg; "
+            "print('torch._dynamo' in sys.modules, 'transformers' in sys.modules); "
+            "import transformers, torch._dynamo; print('importable')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "importable"], out

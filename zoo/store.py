@@ -25,7 +25,9 @@ the promoted dtype (bf16 + fp32 -> fp32), never reinterpreting one dtype's bits 
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import time
 from functools import reduce
 from typing import Any, Iterable
@@ -33,6 +35,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
@@ -74,105 +77,170 @@ class Zoo:
         self.root = _open_root(self.url, mode, storage_options)
         if not self.read_only and "format_version" not in self.root.attrs:
             self.root.attrs["format_version"] = FORMAT_VERSION
-        self._records: dict[str, dict] | None = None
-        self._commits: list[str] = []
-        self._docs: list[tuple[str, str, dict]] = []  # (collection, commit name, commit attrs)
+        self.storage_options = storage_options or {}
+        self._v = None  # zoo.index.View, built on first use
+        self._docs: dict[str, dict] = {}  # group path -> attributes (commit and snapshot documents never change)
+        self._fs = None
         self._segments: dict[tuple[str, str], Any] = {}
         self._arrays: dict[tuple[str, str, str], Any] = {}
 
     # ------------------------------------------------------------------ metadata
 
     def refresh(self) -> None:
-        self._records = None
+        """Forget what this reader saw; the next read lists the zoo again (reading only new documents)."""
+        self._v = None
 
-    def _load(self) -> dict[str, dict]:
-        """id -> record of every visible entry. Commits apply in time order (their names start with
-        the writer's clock): the first commit of an id wins, and a removal (``zoo rm``) hides the id
-        from every earlier commit, so re-ingesting it later makes it visible again."""
-        if self._records is not None:
-            return self._records
-        docs = []
-        coll_root = self.root.get("collections")
-        for cid in sorted(coll_root.group_keys()) if coll_root is not None else []:
-            cgroup = coll_root.get(f"{cid}/commits")
-            for name, g in sorted(cgroup.groups(), key=lambda kv: kv[0]) if cgroup is not None else []:
-                docs.append((cid, name, g.attrs.asdict()))
-        recs: dict[str, dict] = {}
-        for cid, name, attrs in sorted(docs, key=lambda d: (d[1], d[0])):
-            for ckpt_id in attrs.get("removed", []):
-                recs.pop(ckpt_id, None)
-            for row, r in enumerate(attrs.get("records", [])):
-                if r["id"] not in recs:
-                    recs[r["id"]] = {**r, "_loc": (cid, attrs["segment"], row)}
-        self._records, self._docs = recs, docs
-        self._commits = [f"{cid}/{name}" for cid, name, _ in docs]  # snapshot order: collection, then name
-        return recs
+    def _view(self):
+        """The zoo as of the last refresh: index snapshot + commits it does not cover (``zoo.index``)."""
+        if self._v is None:
+            from zoo.index import View
+
+            self._v = View(self)
+        return self._v
 
     def __len__(self) -> int:
-        return len(self._load())
+        return self._view().count()
 
     def __contains__(self, ckpt_id: str) -> bool:
-        return ckpt_id in self._load()
+        return bool(self._view().contains_many([ckpt_id])[0])
 
     def ids(self) -> list[str]:
-        return list(self._load())
+        return self._view().ids()
 
     def query(self, arch: str | None = None, dataset: str | None = None, tag: str | None = None,
-              metrics: Iterable[tuple[str, float | None, float | None]] = (), **equals) -> list[dict]:
-        """Records matching every filter; ``metrics`` is (name, min, max) ranges (None = open).
-        ``dataset`` matches exactly, or as a prefix when it ends with ``*``."""
-        out = []
-        for r in self._load().values():
-            if arch and r["arch"] != arch:
-                continue
-            if dataset and not (r["dataset"].startswith(dataset[:-1]) if dataset.endswith("*") else r["dataset"] == dataset):
-                continue
-            if tag and tag not in r["tags"]:
-                continue
-            if any(r.get(k) != v for k, v in equals.items()):
-                continue
-            ok = True
-            for name, lo, hi in metrics:
-                v = r["metrics"].get(name)
-                # NaN compares False both ways: an entry ingested before NaN was refused matches nothing
-                if not isinstance(v, (int, float)) or v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
-                    ok = False
-                    break
-            if ok:
-                out.append(public(r))
-        return out
+              metrics: Iterable[tuple[str, float | None, float | None]] = (), *, instruction: str | None = None,
+              num_classes: int | None = None, input_shape=None, limit: int | None = None, offset: int = 0,
+              **equals) -> list[dict]:
+        """Records matching every filter, in commit order; ``metrics`` is (name, min, max) ranges
+        (None = open); ``dataset`` matches exactly, or as a prefix when it ends with ``*``;
+        ``instruction`` is a case-insensitive substring of one of the entry's instructions.
+        Filters run on the index's columns; only the ``offset``/``limit`` page is read as records."""
+        from zoo.index import Filters
+
+        f = Filters(arch, dataset, tag, metrics, instruction, num_classes, input_shape, **equals)
+        places = self._retry(lambda: self._view().match(f))
+        if f.equals:  # fields without a column: checked on the records themselves
+            return [public(r) for r in self._records(places) if f.keep(r)][offset:None if limit is None else offset + limit]
+        page = places[offset:None if limit is None else offset + limit]
+        return [public(r) for r in self._records(page)]
+
+    def count(self, **filters) -> int:
+        """How many entries ``query(**filters)`` returns, without reading their records."""
+        from zoo.index import Filters
+
+        if not filters:
+            return len(self)
+        f = Filters(**filters)
+        return len(self.query(**filters)) if f.equals else len(self._retry(lambda: self._view().match(f)))
+
+    def _records(self, places) -> list[dict]:
+        return self._retry(lambda: self._view().records(places)) if places else []
+
+    def _retry(self, fn):
+        """An index part can be reclaimed by gc after this reader listed the zoo: list again, once."""
+        try:
+            return fn()
+        except FileNotFoundError:
+            self.refresh()
+            return fn()
 
     def get(self, ckpt_id: str) -> dict:
         """The record of ``ckpt_id`` (a unique prefix of at least 8 hex digits is enough)."""
         return public(self._resolve(ckpt_id))
 
     def _resolve(self, ckpt_id: str) -> dict:
-        recs = self._load()
-        if ckpt_id in recs:
-            return recs[ckpt_id]
-        if len(ckpt_id) >= 8:
-            hits = [k for k in recs if k.startswith(ckpt_id)]
-            if len(hits) == 1:
-                return recs[hits[0]]
+        if not isinstance(ckpt_id, str) or not ckpt_id:
+            raise ZooError(f"No checkpoint {ckpt_id!r} in zoo {self.url}")
+        hits = self._retry(lambda: self._view().find(ckpt_id))
+        if not hits and len(ckpt_id) >= 8 and all(c in "0123456789abcdefABCDEF" for c in ckpt_id):
+            hits = self._retry(lambda: self._view().find(ckpt_id.lower(), prefix=True))
             if len(hits) > 1:
                 raise ZooError(f"Checkpoint id prefix {ckpt_id!r} is ambiguous ({len(hits)} matches)")
-        raise ZooError(f"No checkpoint {ckpt_id!r} in zoo {self.url}")
+        if not hits:
+            raise ZooError(f"No checkpoint {ckpt_id!r} in zoo {self.url}")
+        return self._records(hits[:1])[0]
+
+    def _locate(self, ids: list[str]) -> list[dict]:
+        """Records (with ``_loc``) of many ids at once, in order: one keys lookup, one read of the
+        row groups that hold them. An id that is not a visible entry goes through ``_resolve``
+        (a prefix, or the error that says it is not there)."""
+        v = self._view()
+        uniq = list(dict.fromkeys(ids))
+        pos = v._positions(uniq)
+        pos = pos[v.vis[pos]] if len(pos) else pos
+        got = v._take(pos, ["id"])["id"].to_pylist() if len(pos) else []
+        want = set(uniq)
+        where = {i: ("index", int(q)) for q, i in zip(pos, got) if i in want}
+        tail_ids = v.tail["id"].to_pylist()
+        where.update({tail_ids[j]: ("tail", int(j)) for j in np.flatnonzero(v.tail_vis) if tail_ids[j] in want})
+        found = [i for i in uniq if i in where]
+        recs = dict(zip(found, v.records([where[i] for i in found])))
+        return [recs[i] if i in recs else self._resolve(i) for i in ids]
 
     def snapshot_id(self) -> str:
         """Names exactly which commits a reader saw: generators record it as their training data."""
-        self._load()
-        return hashlib.sha256("\n".join(self._commits).encode()).hexdigest()[:16]
+        return hashlib.sha256("\n".join(self._view().commits).encode()).hexdigest()[:16]
 
     def stats(self) -> dict:
-        recs = self._load()
-        by_arch: dict[str, int] = {}
-        by_coll: dict[str, int] = {}
-        for r in recs.values():
-            by_arch[r["arch"]] = by_arch.get(r["arch"], 0) + 1
-            by_coll[r["_loc"][0]] = by_coll.get(r["_loc"][0], 0) + 1
-        datasets = {r["dataset"] for r in recs.values()}
-        return {"url": self.url, "checkpoints": len(recs), "commits": len(self._commits), "datasets": len(datasets),
-                "by_arch": by_arch, "by_collection": by_coll, "snapshot": self.snapshot_id()}
+        v = self._view()
+        return {"url": self.url, "checkpoints": v.count(), "commits": len(v.commits), "datasets": len(v.counts("dataset")),
+                "by_arch": v.counts("arch"), "by_collection": v.counts("cid"), "snapshot": self.snapshot_id(),
+                "index": {"snapshot": v.snapshot, "parts": len(v.parts), "rows": v.n_index,
+                          "tail_commits": len(v.tail_keys)}}
+
+    # ------------------------------------------------------------------ store I/O (keys relative to the root)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root.store_path.path}/{key}".strip("/")
+
+    def _commit_path(self, key: str) -> str:
+        cid, name = key.split("/", 1)
+        return f"collections/{cid}/commits/{name}"
+
+    def _list_commits(self) -> list[str]:
+        """Every commit as "cid/name", sorted: one listing per collection, no document read."""
+        out = []
+        for cid in sorted(c for c in self._list("collections") if c != "zarr.json"):
+            out += [f"{cid}/{n}" for n in sorted(self._list(f"collections/{cid}/commits")) if n != "zarr.json"]
+        return out
+
+    def _read_docs(self, paths: list[str]) -> list[dict]:
+        """The attributes of these group documents (commits and snapshots never change: cached),
+        fetched concurrently (one request each on object stores)."""
+        todo = [p for p in dict.fromkeys(paths) if p not in self._docs]
+        if todo:
+            proto = default_buffer_prototype()
+
+            async def get_all():
+                return await asyncio.gather(*(self.root.store.get(self._path(f"{p}/zarr.json"), prototype=proto)
+                                              for p in todo))
+
+            for p, buf in zip(todo, sync(get_all())):
+                if buf is None:
+                    raise FileNotFoundError(f"{self.url}/{p}")
+                self._docs[p] = json.loads(buf.to_bytes()).get("attributes", {})
+        return [self._docs[p] for p in paths]
+
+    def _get_bytes(self, key: str) -> bytes:
+        buf = sync(self.root.store.get(self._path(key), prototype=default_buffer_prototype()))
+        if buf is None:
+            raise FileNotFoundError(f"{self.url}/{key}")
+        return buf.to_bytes()
+
+    def _set_bytes(self, key: str, data: bytes) -> None:
+        """One key, written whole (temp file + rename locally, one PUT on object stores)."""
+        sync(self.root.store.set(self._path(key), cpu.Buffer.from_bytes(data)))
+
+    def _open_file(self, key: str):
+        """A seekable file for Parquet's partial reads: a local path, or an fsspec file."""
+        store = self.root.store
+        if hasattr(store, "root"):  # LocalStore
+            return str(store.root / self._path(key))
+        if self._fs is None:
+            import fsspec
+
+            self._fs = fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+        return self._fs.open(f"{store.path}/{self._path(key)}".replace("//", "/"), "rb")
 
     # ------------------------------------------------------------------ tensor reads
 
@@ -245,7 +313,7 @@ class Zoo:
         return self._read(f"stack of {len(ids)} checkpoints", lambda: self._stack(ids, keys))
 
     def _stack(self, ids: list[str], keys: list[str] | None):
-        recs = [self._resolve(i) for i in ids]
+        recs = self._locate(ids)
         colls = {r["_loc"][0] for r in recs}
         if len(colls) > 1:
             raise ZooError(f"stack() needs checkpoints of one architecture shape, got {sorted(colls)}")
@@ -295,11 +363,11 @@ class Zoo:
             problems = c.problems(tensors=validate)
             if problems:
                 raise ZooError(f"checkpoint {c.source or c.id[:12]} is not a valid {c.arch}: {problems}")
-        self.refresh()
-        known = self._load()
+        self.refresh()  # lists the zoo; reads only commit documents this Zoo has not read yet
+        known = dict(zip([c.id for c in checkpoints], self._view().contains_many([c.id for c in checkpoints])))
         fresh, dup, seen = [], [], set()
         for c in checkpoints:
-            (dup if c.id in known or c.id in seen else fresh).append(c)
+            (dup if known[c.id] or c.id in seen else fresh).append(c)
             seen.add(c.id)
         groups: dict[tuple, list[Checkpoint]] = {}
         for c in fresh:
@@ -308,6 +376,10 @@ class Zoo:
         for (cid, _), group in groups.items():
             self._write_segment(cid, group)
         self.refresh()
+        if fresh:
+            from zoo.compact import maybe_fold
+
+            maybe_fold(self)  # every FOLD_AT commits: the index keeps up, readers read a short tail
         return {"ingested": [c.id for c in fresh], "duplicate": [c.id for c in dup]}
 
     def _write_segment(self, cid: str, group: list[Checkpoint]) -> None:
@@ -319,8 +391,10 @@ class Zoo:
         arrays = ((n, np.stack([to_numpy(c.tensors[n]) for c in group])) for n in first.tensors)  # one at a time
         self._write_rows(cid, new_segment_name(), attrs, arrays, records)
 
-    def _write_rows(self, cid: str, seg: str, attrs: dict, arrays, records: list[dict]) -> None:
-        """Lease, segment, commit, release: the write protocol ``zoo.gc`` relies on."""
+    def _write_rows(self, cid: str, seg: str, attrs: dict, arrays, records: list[dict],
+                    orders: list[str] | None = None) -> None:
+        """Lease, segment, commit, release: the write protocol ``zoo.gc`` relies on. ``orders``:
+        each row's order key when rows are copied from other commits (``zoo.events``)."""
         lease_key = f"collections/{cid}/leases/{seg}"
         held = lease.new()
         self.root.create_group(lease_key, attributes=held)  # 1. before the segment exists
@@ -338,8 +412,9 @@ class Zoo:
                                f"(stalled longer than the lease TTL?); nothing was committed: run again")
             # 4. The commit: one document, written last. Until it exists the segment is invisible.
             try:
-                self.root.create_group(f"collections/{cid}/commits/{seg}", attributes={
-                    "segment": seg, "records": records, "committed_at": time.time()})
+                doc = {"segment": seg, "records": records, "committed_at": time.time()}
+                self.root.create_group(f"collections/{cid}/commits/{seg}",
+                                       attributes=doc if orders is None else {**doc, "orders": orders})
             except ContainsGroupError:  # pragma: no cover - name has a random part
                 raise ZooError(f"commit {seg} already exists") from None
         finally:

@@ -130,9 +130,10 @@ def _lists(col: pa.ChunkedArray, pred) -> np.ndarray:
 class View:
     """One consistent reading of the zoo: snapshot parts + tail, with every event's visibility."""
 
-    def __init__(self, zoo):
+    def __init__(self, zoo, skip: set[str] = frozenset()):
         self.zoo = zoo
-        self.snapshot, doc = _newest_snapshot(zoo)
+        self.snapshot, doc = _newest_snapshot(zoo, skip)
+        zoo._last_snapshot = self.snapshot
         offset, self.parts = 0, []
         for p in doc.get("parts", []):
             self.parts.append(Part(p["key"], p["rows"], offset, p["commits"]))
@@ -330,10 +331,11 @@ def _order_of(key: str) -> str:
     return name + ev.ORDER_SEP + cid
 
 
-def _newest_snapshot(zoo) -> tuple[str | None, dict]:
-    """(name, document) of the newest readable snapshot; (None, {}) for a zoo without an index.
-    A snapshot deleted between the listing and the read (gc) is skipped for the next newest."""
-    for name in sorted((n for n in zoo._list("index/snapshots") if n != "zarr.json"), reverse=True):
+def _newest_snapshot(zoo, skip) -> tuple[str | None, dict]:
+    """(name, document) of the newest readable snapshot not in ``skip``; (None, {}) for a zoo
+    without an index (every commit is then read: slower, never wrong). A snapshot deleted between
+    the listing and the read (gc) is skipped for the next newest."""
+    for name in sorted((n for n in zoo._list("index/snapshots") if n != "zarr.json" and n not in skip), reverse=True):
         try:
             return name, zoo._read_docs([f"index/snapshots/{name}"])[0]
         except (FileNotFoundError, KeyError, ZooError):

@@ -95,17 +95,24 @@ class Zoo:
         if self._v is None:
             from zoo.index import View
 
-            self._v = View(self)
+            skip: set[str] = set()
+            while self._v is None:
+                try:
+                    self._v = View(self, skip)
+                except FileNotFoundError:  # gc took that snapshot's files after it was listed
+                    if len(skip) >= 3:
+                        raise
+                    skip.add(self._last_snapshot)
         return self._v
 
     def __len__(self) -> int:
-        return self._view().count()
+        return self._retry(lambda: self._view().count())
 
     def __contains__(self, ckpt_id: str) -> bool:
-        return bool(self._view().contains_many([ckpt_id])[0])
+        return bool(self._retry(lambda: self._view().contains_many([ckpt_id])[0]))
 
     def ids(self) -> list[str]:
-        return self._view().ids()
+        return self._retry(lambda: self._view().ids())
 
     def query(self, arch: str | None = None, dataset: str | None = None, tag: str | None = None,
               metrics: Iterable[tuple[str, float | None, float | None]] = (), *, instruction: str | None = None,
@@ -182,6 +189,9 @@ class Zoo:
         return hashlib.sha256("\n".join(self._view().commits).encode()).hexdigest()[:16]
 
     def stats(self) -> dict:
+        return self._retry(self._stats)
+
+    def _stats(self) -> dict:
         v = self._view()
         return {"url": self.url, "checkpoints": v.count(), "commits": len(v.commits), "datasets": len(v.counts("dataset")),
                 "by_arch": v.counts("arch"), "by_collection": v.counts("cid"), "snapshot": self.snapshot_id(),
@@ -209,17 +219,21 @@ class Zoo:
         fetched concurrently (one request each on object stores)."""
         todo = [p for p in dict.fromkeys(paths) if p not in self._docs]
         if todo:
-            proto = default_buffer_prototype()
-
-            async def get_all():
-                return await asyncio.gather(*(self.root.store.get(self._path(f"{p}/zarr.json"), prototype=proto)
-                                              for p in todo))
-
-            for p, buf in zip(todo, sync(get_all())):
-                if buf is None:
-                    raise FileNotFoundError(f"{self.url}/{p}")
-                self._docs[p] = json.loads(buf.to_bytes()).get("attributes", {})
+            self._docs.update(zip(todo, self._fetch_docs(todo)))
         return [self._docs[p] for p in paths]
+
+    def _fetch_docs(self, paths: list[str]) -> list[dict]:
+        proto = default_buffer_prototype()
+
+        async def get_all():
+            return await asyncio.gather(*(self.root.store.get(self._path(f"{p}/zarr.json"), prototype=proto) for p in paths))
+
+        out = []
+        for p, buf in zip(paths, sync(get_all())):
+            if buf is None:
+                raise FileNotFoundError(f"{self.url}/{p}")
+            out.append(json.loads(buf.to_bytes()).get("attributes", {}))
+        return out
 
     def _get_bytes(self, key: str) -> bytes:
         buf = sync(self.root.store.get(self._path(key), prototype=default_buffer_prototype()))
@@ -364,7 +378,8 @@ class Zoo:
             if problems:
                 raise ZooError(f"checkpoint {c.source or c.id[:12]} is not a valid {c.arch}: {problems}")
         self.refresh()  # lists the zoo; reads only commit documents this Zoo has not read yet
-        known = dict(zip([c.id for c in checkpoints], self._view().contains_many([c.id for c in checkpoints])))
+        ids = [c.id for c in checkpoints]
+        known = dict(zip(ids, self._retry(lambda: self._view().contains_many(ids))))
         fresh, dup, seen = [], [], set()
         for c in checkpoints:
             (dup if known[c.id] or c.id in seen else fresh).append(c)

@@ -104,7 +104,7 @@ def fold(zoo, full: bool = False) -> dict:
     finally:
         zoo._delete_prefix(lease_key)
     zoo.refresh()
-    return {"snapshot": name, "parts": len(parts), "rows": int(len(vis)), "folded": len(v.tail_keys)}
+    return {"snapshot": name, "parts": len(parts), "rows": len(vis), "folded": len(v.tail_keys)}
 
 
 def _merge(v, parts: list[dict], gone: list[str]) -> dict:
@@ -180,7 +180,7 @@ def _merge_segments(zoo, cid: str, meta: dict, batch: list[tuple[str, np.ndarray
         orders += [(d.get("orders") or [own] * len(d["records"]))[i] for i in alive]
 
     data = {}
-    for name, x in meta["tensors"].items():
+    for name in meta["tensors"]:
         parts = []
         for k, alive in batch:
             if len(alive):

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
 from zoo import lease
-from zoo.events import ORDER_SEP, REMOVE, commit_time as _time
+from zoo.events import ORDER_SEP, REMOVE
+from zoo.events import commit_time as _time
 from zoo.records import ZooError, new_segment_name
 
 
@@ -115,7 +116,7 @@ def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) ->
 
     keep: set[tuple[str, str]] = set()
     for c, idx in by_commit.items():
-        cid, name = c.split("/", 1)
+        cid, _ = c.split("/", 1)
         seg = ev_t["seg"][idx[0]]
         alive = [ev_t["row"][i] for i in idx if ev_t["visible"][i]]
         last = max([committed_at[c]] + [max(hidden_since.get(ev_t["id"][i], 0.0), shown_since.get(ev_t["id"][i], 0.0))

@@ -81,7 +81,7 @@ class Filters:
             if col not in t.column_names:
                 return np.zeros(t.num_rows, bool)
             v = _np(t[col], np.nan)  # NaN (stored before NaN was refused) matches no range
-            ok = v == v
+            ok = ~np.isnan(v)
             if lo is not None:
                 ok &= v >= lo
             if hi is not None:

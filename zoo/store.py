@@ -25,23 +25,30 @@ the promoted dtype (bf16 + fp32 -> fp32), never reinterpreting one dtype's bits 
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import time
+from collections.abc import Iterable
 from functools import reduce
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from zarr.core.buffer import cpu, default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from zoo import lease
-from zoo.records import (Checkpoint, ZooError, checkpoint_id, collection_id, dtype_name, from_numpy,  # noqa: F401
-                         new_segment_name, public, to_numpy)
+from zoo.records import (  # noqa: F401
+    Checkpoint,
+    ZooError,
+    checkpoint_id,
+    collection_id,
+    dtype_name,
+    from_numpy,
+    new_segment_name,
+    public,
+    to_numpy,
+)
+from zoo.storeio import StoreIO
 from zoo.validate import validate_tensors  # noqa: F401  (re-exported: zoo.validate_tensors)
 
 FORMAT_VERSION = 1
@@ -68,7 +75,7 @@ def _chunk_rows(n: int, row_bytes: int) -> int:
     return max(1, min(n, CHUNK_BYTES // max(row_bytes, 1)))
 
 
-class Zoo:
+class Zoo(StoreIO):
     """A checkpoint zoo at ``url``. Cheap to open; metadata is read once and cached (``refresh()``)."""
 
     def __init__(self, url: str, mode: str = "a", storage_options: dict | None = None):
@@ -111,8 +118,21 @@ class Zoo:
     def __contains__(self, ckpt_id: str) -> bool:
         return bool(self._retry(lambda: self._view().contains_many([ckpt_id])[0]))
 
-    def ids(self) -> list[str]:
-        return self._retry(lambda: self._view().ids())
+    def ids(self, **filters) -> list[str]:
+        """Ids of every entry (matching ``filters``, as ``query`` takes them), without reading records."""
+        if not filters:
+            return self._retry(lambda: self._view().ids())
+        from zoo.index import Filters
+
+        f = Filters(**filters)
+
+        def read():
+            v = self._view()
+            places = v.match(f)
+            pos = np.array([q for w, q in places if w == "index"], np.int64)
+            tail = v.tail["id"].to_pylist()
+            return (v._take(pos, ["id"])["id"].to_pylist() if len(pos) else []) + [tail[q] for w, q in places if w == "tail"]
+        return self._retry(read)
 
     def query(self, arch: str | None = None, dataset: str | None = None, tag: str | None = None,
               metrics: Iterable[tuple[str, float | None, float | None]] = (), *, instruction: str | None = None,
@@ -198,64 +218,6 @@ class Zoo:
                 "index": {"snapshot": v.snapshot, "parts": len(v.parts), "rows": v.n_index,
                           "tail_commits": len(v.tail_keys)}}
 
-    # ------------------------------------------------------------------ store I/O (keys relative to the root)
-
-    def _path(self, key: str) -> str:
-        return f"{self.root.store_path.path}/{key}".strip("/")
-
-    def _commit_path(self, key: str) -> str:
-        cid, name = key.split("/", 1)
-        return f"collections/{cid}/commits/{name}"
-
-    def _list_commits(self) -> list[str]:
-        """Every commit as "cid/name", sorted: one listing per collection, no document read."""
-        out = []
-        for cid in sorted(c for c in self._list("collections") if c != "zarr.json"):
-            out += [f"{cid}/{n}" for n in sorted(self._list(f"collections/{cid}/commits")) if n != "zarr.json"]
-        return out
-
-    def _read_docs(self, paths: list[str]) -> list[dict]:
-        """The attributes of these group documents (commits and snapshots never change: cached),
-        fetched concurrently (one request each on object stores)."""
-        todo = [p for p in dict.fromkeys(paths) if p not in self._docs]
-        if todo:
-            self._docs.update(zip(todo, self._fetch_docs(todo)))
-        return [self._docs[p] for p in paths]
-
-    def _fetch_docs(self, paths: list[str]) -> list[dict]:
-        proto = default_buffer_prototype()
-
-        async def get_all():
-            return await asyncio.gather(*(self.root.store.get(self._path(f"{p}/zarr.json"), prototype=proto) for p in paths))
-
-        out = []
-        for p, buf in zip(paths, sync(get_all())):
-            if buf is None:
-                raise FileNotFoundError(f"{self.url}/{p}")
-            out.append(json.loads(buf.to_bytes()).get("attributes", {}))
-        return out
-
-    def _get_bytes(self, key: str) -> bytes:
-        buf = sync(self.root.store.get(self._path(key), prototype=default_buffer_prototype()))
-        if buf is None:
-            raise FileNotFoundError(f"{self.url}/{key}")
-        return buf.to_bytes()
-
-    def _set_bytes(self, key: str, data: bytes) -> None:
-        """One key, written whole (temp file + rename locally, one PUT on object stores)."""
-        sync(self.root.store.set(self._path(key), cpu.Buffer.from_bytes(data)))
-
-    def _open_file(self, key: str):
-        """A seekable file for Parquet's partial reads: a local path, or an fsspec file."""
-        store = self.root.store
-        if hasattr(store, "root"):  # LocalStore
-            return str(store.root / self._path(key))
-        if self._fs is None:
-            import fsspec
-
-            self._fs = fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
-        return self._fs.open(f"{store.path}/{self._path(key)}".replace("//", "/"), "rb")
-
     # ------------------------------------------------------------------ tensor reads
 
     def _segment(self, cid: str, seg: str):
@@ -270,9 +232,6 @@ class Zoo:
         if key not in self._arrays:
             self._arrays[key] = self._segment(cid, seg)[name]
         return self._arrays[key]
-
-    def _exists(self, key: str) -> bool:
-        return sync((self.root.store_path / key).exists())
 
     def _still_there(self, cid: str, seg: str) -> bool:
         """Checked *after* a read: gc deletes a segment's zarr.json before its chunks, so if it is
@@ -434,30 +393,6 @@ class Zoo:
                 raise ZooError(f"commit {seg} already exists") from None
         finally:
             self._delete_prefix(lease_key)  # 5. (a failed write leaves an unleased orphan for gc)
-
-    # store-level helpers: they work on keys whether or not Zarr still sees a group there
-    def _list(self, key: str) -> list[str]:
-        prefix = f"{self.root.store_path.path}/{key}".strip("/")
-
-        async def ls():
-            return [x async for x in self.root.store.list_dir(prefix)]
-
-        try:
-            return sync(ls())
-        except FileNotFoundError:
-            return []
-
-    def _delete_key(self, key: str) -> None:
-        try:
-            sync((self.root.store_path / key).delete())
-        except FileNotFoundError:
-            pass
-
-    def _delete_prefix(self, key: str) -> None:
-        try:
-            sync((self.root.store_path / key).delete_dir())
-        except FileNotFoundError:
-            pass
 
     def remove(self, ids: Iterable[str]) -> list[str]:
         """Hide checkpoints (``weightgen zoo rm``): one commit per collection that lists them as

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from zoo import events as ev
 from zoo.records import ZooError, public
 
-ROW_GROUP = 16384  # rows per Parquet row group: what reading one record costs
+ROW_GROUP = 4096  # rows per Parquet row group: reading one record decodes its group (~2 MB of records)
+CACHED_GROUPS = 8  # row groups of the record column kept per part: loads near each other share them
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Part:
     _file: object = None
     _keys: tuple | None = None
     _cols: dict = field(default_factory=dict)
+    _groups: dict = field(default_factory=dict)
 
 
 class Filters:
@@ -142,9 +144,17 @@ class View:
         self.commits = zoo._list_commits()  # sorted "cid/name"
         listed = set(self.commits)
         covered = {c for p in self.parts for c in p.commits}
-        self.gone = covered - listed - set(doc.get("dropped", []))
+        self.absent = covered - listed  # commits deleted since the snapshot (compaction, gc)
+        self.gone = self.absent - set(doc.get("dropped", []))  # ... and not yet accounted for in its bitmap
         self.tail_keys = sorted((c for c in self.commits if c not in covered), key=_order_of)
-        self.tail = ev.table(list(zip(self.tail_keys, zoo._read_docs([zoo._commit_path(k) for k in self.tail_keys]))))
+        docs = zoo._read_docs([zoo._commit_path(k) for k in self.tail_keys])
+        cache = zoo._tables  # a commit's events never change: a writer rebuilds only its new commits' tables
+        for k, d in zip(self.tail_keys, docs):
+            if k not in cache:
+                cache[k] = ev.table([(k, d)])
+        self.tail = ev.concat([cache[k] for k in self.tail_keys])
+        for k in set(cache) - set(self.tail_keys):  # folded since: the index has them now
+            del cache[k]
         self.vis = (np.unpackbits(np.frombuffer(zoo._get_bytes(doc["visible"]), np.uint8), count=offset).astype(bool)
                     if offset else np.zeros(0, bool))
         self.tail_vis = np.zeros(self.tail.num_rows, bool)
@@ -165,7 +175,7 @@ class View:
             return
         pos = self._positions(sorted(ids))  # index rows of these ids, visible or not
         t = self._take(pos, ["commit", "id", "order", "kind"])
-        gone = np.isin(np.array(t["commit"].to_pylist(), object), list(self.gone)) if self.gone else np.zeros(len(pos), bool)
+        gone = np.isin(np.array(t["commit"].to_pylist(), object), list(self.absent)) if self.absent else np.zeros(len(pos), bool)
         all_ids = np.array(t["id"].to_pylist() + self.tail["id"].to_pylist(), object)
         orders = np.array(t["order"].to_pylist() + self.tail["order"].to_pylist(), object)
         kinds = np.concatenate([_np(t["kind"], 0), _np(self.tail["kind"], 0)]).astype(np.int8)
@@ -187,6 +197,16 @@ class View:
             p._cols.update({c: t[c] for c in missing})
         cols = {c: p._cols[c] for c in columns if c in p._cols}
         return pa.table(cols) if cols else pa.table({"_": pa.nulls(p.rows)})
+
+    def _group(self, p: Part, g: int, columns: list[str]) -> pa.Table:
+        key = (g, tuple(columns))
+        hit = p._groups.pop(key, None)
+        if hit is None:
+            hit = self._file(p).read_row_group(g, columns=columns)
+        p._groups[key] = hit  # most recently used last
+        while len(p._groups) > CACHED_GROUPS:
+            p._groups.pop(next(iter(p._groups)))
+        return hit
 
     def _keys(self, p: Part) -> tuple[np.ndarray, np.ndarray]:
         if p._keys is None:
@@ -216,7 +236,7 @@ class View:
                 pieces.append(self._read(p, columns).take(pa.array(local)))
                 continue
             rgs = np.unique(local // ROW_GROUP)
-            t = self._file(p).read_row_groups([int(g) for g in rgs], columns=columns)
+            t = pa.concat_tables([self._group(p, int(g), columns) for g in rgs])
             starts = np.searchsorted(rgs, local // ROW_GROUP) * ROW_GROUP
             pieces.append(t.take(pa.array(starts + local % ROW_GROUP)))
         pieces = [pa.table({c: x[c].cast(_plain(x[c].type)) for c in columns}) for x in pieces]
@@ -306,11 +326,11 @@ class View:
         return out
 
     def events(self, columns: list[str]) -> pa.Table:
-        """Every event not in a gone commit, with a ``visible`` column (gc, compaction)."""
+        """Every event of a listed commit, with a ``visible`` column (gc, compaction)."""
         pieces = []
         for p in self.parts:
             t = self._read(p, columns + ["commit"])
-            keep = ~_strings(t["commit"], lambda a: pc.is_in(a, pa.array(sorted(self.gone)))) if self.gone \
+            keep = ~_strings(t["commit"], lambda a: pc.is_in(a, pa.array(sorted(self.absent)))) if self.absent \
                 else np.ones(p.rows, bool)
             t = pa.table({c: t[c].cast(_plain(t[c].type)) for c in columns})
             pieces.append(t.append_column("visible", pa.array(self.vis[p.offset:p.offset + p.rows])).filter(pa.array(keep)))

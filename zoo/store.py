@@ -87,6 +87,7 @@ class Zoo(StoreIO):
         self.storage_options = storage_options or {}
         self._v = None  # zoo.index.View, built on first use
         self._docs: dict[str, dict] = {}  # group path -> attributes (commit and snapshot documents never change)
+        self._tables: dict = {}  # commit key -> its events (zoo.events), for commits not in the index
         self._fs = None
         self._segments: dict[tuple[str, str], Any] = {}
         self._arrays: dict[tuple[str, str, str], Any] = {}

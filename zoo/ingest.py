@@ -64,7 +64,7 @@ class Summary:
     duplicate: list = field(default_factory=list)
     rejected: list = field(default_factory=list)  # {"path", "reason", "detail"}
 
-    def merge(self, other: Summary) -> Summary:
+    def merge(self, other: "Summary") -> "Summary":
         self.ingested += other.ingested
         self.duplicate += other.duplicate
         self.rejected += other.rejected

@@ -10,7 +10,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ class Checkpoint:
             "input_shape": list(self.input_shape), "seed": self.seed, "run_id": self.run_id, "step": self.step,
             "train_config": self.train_config, "metrics": {k: float(v) for k, v in self.metrics.items()},
             "tags": list(self.tags), "instructions": list(self.instructions), "source": self.source,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dtypes": sorted({dtype_name(t.dtype) for t in self.tensors.values()}),
         }
 

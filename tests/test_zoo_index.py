@@ -73,10 +73,10 @@ def test_index_agrees_with_commit_documents_through_folds_merges_removals_and_gc
     pool = [_ckpt(i) for i in range(40)]
     sds = {c.id: c.tensors for c in pool}
     rng = random.Random(seed)
-    for _ in range(30):
+    for step in range(30):
         op = rng.choice(["add", "add", "add", "rm", "compact", "gc", "fold"])
-        if op == "add":
-            z.add(rng.sample(pool, rng.randint(1, 6)))
+        if op == "add":  # a duplicate carries other metadata: which copy's record wins is visible
+            z.add([_ckpt(c.seed, tags=[f"step{step}"]) for c in rng.sample(pool, rng.randint(1, 6))])
         elif op == "rm" and len(z):
             z.remove(rng.sample(z.ids(), min(2, len(z))))
         elif op == "compact":
@@ -87,6 +87,21 @@ def test_index_agrees_with_commit_documents_through_folds_merges_removals_and_gc
             zc.fold(z, full=rng.random() < 0.5)
         _check(zoo_dir, sds)
     assert zoo_dir.joinpath("index/snapshots").is_dir()
+
+
+def test_merged_rows_keep_their_commit_order(tmp_path):
+    """The first commit of an id wins. Merged into a commit written now, a row would lose to a
+    later duplicate left unmerged (a big commit) unless it keeps its original order."""
+    z = Zoo(str(tmp_path / "zoo"))
+    z.add([_ckpt(0, tags=["first"])])
+    z.add([_ckpt(1)])
+    # 4 rows, not small, with a second copy of checkpoint 0, as a writer that raced the first one commits it
+    z._write_segment("mlp-s__k5__64", [_ckpt(0, tags=["later"])] + [_ckpt(i) for i in range(2, 5)])
+    assert z.get(_ckpt(0).id)["tags"] == ["first"]
+    report = zc.compact(z, small_rows=2)
+    assert report["merged_commits"] == 2
+    assert Zoo(z.url, mode="r").get(_ckpt(0).id)["tags"] == ["first"]
+    _check(tmp_path / "zoo", {c.id: c.tensors for c in map(_ckpt, range(5))})
 
 
 def test_queries_run_on_the_index_and_ls_pages(tmp_path):

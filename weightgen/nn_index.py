@@ -166,3 +166,36 @@ def nearest(zoo, cid: str, sd: dict[str, torch.Tensor], candidates: int = CANDID
     j = int(dist.argmin())
     return {"id": ids[j], "distance": float(dist[j]), "base": idx["base"], "rows": n,
             "weights": {k: v[j:j + 1] for k, v in z_al.items()}}
+
+
+def recall(zoo, cid: str, queries: int = 200, seed: int = 0) -> dict:
+    """Recall@1 of ``nearest`` against exact search on a sample: each sampled entry's nearest
+    *other* entry, found exactly over the whole collection in the full aligned, standardized space,
+    and through the index (projection candidates, exact re-rank). Reads the whole collection."""
+    idx = open_index(zoo, cid)
+    arch, keys, n = idx["arch"], idx["keys"], idx["rows"]
+    ref, std, mean, basis = _space(idx)
+    ids = [bytes(r).hex() for r in idx["group"]["ids"][...]]
+    rng = np.random.default_rng(seed)
+    q = np.sort(rng.choice(n, min(queries, n), replace=False))
+    xq = _flat(align({k: v.float() for k, v in zoo.stack([ids[i] for i in q], keys).items()}, arch, ref=ref)[0], keys, std)
+    best = torch.full((len(q),), float("inf"))
+    arg = torch.zeros(len(q), dtype=torch.long)
+    for lo in range(0, n, CHUNK):  # exact, full space
+        x = _flat(align({k: v.float() for k, v in zoo.stack(ids[lo:lo + CHUNK], keys).items()}, arch, ref=ref)[0], keys, std)
+        d = torch.cdist(xq, x)
+        own = torch.from_numpy(q)[:, None] == torch.arange(lo, lo + len(x))[None]
+        d[own] = float("inf")
+        m, j = d.min(1)
+        better = m < best
+        best[better], arg[better] = m[better], j[better] + lo
+    proj = idx["group"]["proj"][...]
+    hits = 0
+    for t, i in enumerate(q):  # the index: projection candidates (itself left out), exact re-rank
+        d = ((proj - proj[i]) ** 2).sum(1)
+        d[i] = np.inf
+        cand = np.argpartition(d, CANDIDATES)[:CANDIDATES]
+        z_al, _ = align({k: v.float() for k, v in zoo.stack([ids[c] for c in cand], keys).items()}, arch, ref=ref)
+        hits += int(cand[int(torch.cdist(xq[t:t + 1], _flat(z_al, keys, std))[0].argmin())] == int(arg[t]))
+    return {"recall_at_1": hits / len(q), "queries": len(q), "rows": n, "dim": int(basis.shape[1]),
+            "candidates": CANDIDATES}

@@ -70,14 +70,14 @@ def fold(zoo, full: bool = False) -> dict:
     events of commits that are gone. Returns {"snapshot", "parts", "rows", "folded"}."""
     if zoo.read_only:
         raise ZooError(f"Zoo {zoo.url} is open read-only")
-    zoo.refresh()
-    v = zoo._view()
-    if not (full or v.tail_keys or v.gone):
-        return {"snapshot": v.snapshot, "parts": len(v.parts), "rows": v.n_index, "folded": 0}
     name = new_segment_name()
     lease_key = f"index/leases/{name}"
-    zoo.root.create_group(lease_key, attributes=lease.new())
+    zoo.root.create_group(lease_key, attributes=lease.new())  # before reading the snapshot it builds on (gc)
     try:
+        zoo.refresh()
+        v = zoo._view()
+        if not (full or v.tail_keys or v.gone):
+            return {"snapshot": v.snapshot, "parts": len(v.parts), "rows": v.n_index, "folded": 0}
         parts = [{"key": p.key, "rows": p.rows, "commits": p.commits, "vis": v.vis[p.offset:p.offset + p.rows],
                   "part": p} for p in v.parts]
         if v.tail_keys:
@@ -103,6 +103,9 @@ def fold(zoo, full: bool = False) -> dict:
             "format": 1, "parts": [{"key": p["key"], "rows": p["rows"], "commits": p["commits"]} for p in parts],
             "visible": f"index/parts/{name}.visible", "count": int(vis.sum()), "created_at": time.time(),
             "dropped": sorted(set(gone) & covered)})
+        if not all(zoo._exists(p["key"]) for p in parts):  # a part of the base reclaimed meanwhile: withdraw
+            zoo._delete_prefix(f"index/snapshots/{name}")
+            raise ZooError(f"a part of index snapshot {name} was reclaimed by gc while it was written; run again")
     finally:
         zoo._delete_prefix(lease_key)
     zoo.refresh()

@@ -149,6 +149,10 @@ def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) ->
         if seg not in segments.get(cid, []) or (cid, seg) in keep:
             if lease.dead(attrs, since=_time(seg) or now, now=now, ttl_s=ttl):
                 zoo._delete_prefix(f"collections/{cid}/leases/{seg}")
+    if report["dropped_commits"]:  # readers would otherwise re-resolve the dropped commits' ids on every open
+        from zoo.compact import fold
+
+        fold(zoo)
     report["removed_index"] = _collect_index(zoo, min_age_s, ttl, now)
     zoo.refresh()
     return report
@@ -156,12 +160,16 @@ def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) ->
 
 def _collect_index(zoo, min_age_s: float, ttl: float, now: float) -> list[str]:
     """Index snapshots but the newest (and any younger than ``min_age_s``), and the part files no
-    remaining snapshot names, unless a live writer leases them. Parts, leases, snapshots are listed
-    in that order, for the same reason as segments (``zoo.compact`` writes them in the other)."""
+    remaining snapshot names; nothing while a fold holds a live lease (a fold takes its lease before
+    it reads the snapshot it builds on, and reuses that snapshot's parts). Parts, leases, snapshots
+    are listed in that order, for the same reason as segments (``zoo.compact`` writes the other way);
+    a fold that still finds a part of its snapshot gone withdraws the snapshot (readers skip it)."""
     files = [f for f in zoo._list("index/parts") if f != "zarr.json"]
     leases = {s: _lease_attrs(zoo, f"index/leases/{s}") for s in zoo._list("index/leases") if s != "zarr.json"}
     snaps = sorted((s for s in zoo._list("index/snapshots") if s != "zarr.json"), reverse=True)
     removed, kept = [], []
+    if any(lease.dead(a, since=_time(s) or now, now=now, ttl_s=ttl) is None for s, a in leases.items()):
+        return removed  # a fold is running: the snapshot it builds on, and its parts, must stay
     for i, s in enumerate(snaps):
         if i == 0 or now - (_time(s) or now) < min_age_s:
             kept.append(s)

@@ -280,6 +280,7 @@ def main(argv=None) -> None:
     ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--recall-only", action="store_true",
                     help="add the novelty index's recall to the last run's results and rewrite the section")
+    ap.add_argument("--s3-only", action="store_true", help="add the --s3 sizes to the last run's results")
     a = ap.parse_args(argv)
     if a.measure:
         op, url, opts, extra = a.measure
@@ -287,6 +288,28 @@ def main(argv=None) -> None:
         return
     if a.quick:
         a.sizes, a.small, a.s3 = "2000,3000", 2000, "2000"
+    if a.s3_only:
+        saved = Path(tempfile.gettempdir()) / "zoo_scale_results.json"
+        res = json.loads(saved.read_text())
+        server, endpoint = moto()
+        opts = {**S3_OPTS, "endpoint_url": endpoint}
+        base = _base()
+        try:
+            for n in [int(x) for x in a.s3.split(",") if x]:
+                url = f"s3://zoo/z{n}"
+                t0 = time.perf_counter()
+                rates = write_zoo(url, n, max(100, n // 100), opts, base=base)
+                res["s3"][str(n)] = {"write_s": time.perf_counter() - t0, "ingest_first": rates[0],
+                                     "ingest_last": rates[-1], **reads(url, opts)}
+                saved.write_text(json.dumps(res, indent=1, default=str))
+        finally:
+            server.stop()
+        res["skipped"] = [x for x in res.get("skipped", []) if not x.startswith("S3")]
+        saved.write_text(json.dumps(res, indent=1, default=str))
+        text = report(res, a)
+        print(text)
+        update_section(Path(a.results), SECTION, text)
+        return
     if a.recall_only:
         saved = Path(tempfile.gettempdir()) / "zoo_scale_results.json"
         res = json.loads(saved.read_text())

@@ -209,9 +209,14 @@ class View:
         return hit
 
     def _keys(self, p: Part) -> tuple[np.ndarray, np.ndarray]:
-        if p._keys is None:
-            raw = self.zoo._get_bytes(p.key.removesuffix(".parquet") + ".keys")
-            p._keys = (np.frombuffer(raw, np.uint64, p.rows), np.frombuffer(raw, np.int32, p.rows, 8 * p.rows))
+        if p._keys is None:  # parts never change: kept by the Zoo across refreshes (a writer's views share them)
+            cache = self.zoo.__dict__.setdefault("_part_keys", {})
+            if p.key not in cache:
+                raw = self.zoo._get_bytes(p.key.removesuffix(".parquet") + ".keys")
+                cache[p.key] = (np.frombuffer(raw, np.uint64, p.rows), np.frombuffer(raw, np.int32, p.rows, 8 * p.rows))
+                for k in [k for k in cache if k not in {q.key for q in self.parts}]:
+                    del cache[k]  # parts merged away since
+            p._keys = cache[p.key]
         return p._keys
 
     def _positions(self, ids: list[str]) -> np.ndarray:

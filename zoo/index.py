@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from zoo import events as ev
-from zoo.records import ZooError, public
+from zoo.records import ZooError
 
 ROW_GROUP = 4096  # rows per Parquet row group: reading one record decodes its group (~2 MB of records)
 CACHED_GROUPS = 8  # row groups of the record column kept per part: loads near each other share them
@@ -313,12 +313,25 @@ class View:
         out += [("tail", int(i)) for i in np.flatnonzero(m)]
         return out
 
-    def ids(self) -> list[str]:
+    def ids(self, f: Filters | None = None) -> list[str]:
+        """Visible ids (matching ``f``), reading only the id column and the filtered ones."""
+        if f is not None:
+            places = self.match(f)
+            pos = np.array([q for w, q in places if w == "index"], np.int64)
+            tail = self.tail["id"].to_pylist()
+            return (self._take(pos, ["id"])["id"].to_pylist() if len(pos) else []) + \
+                [tail[q] for w, q in places if w == "tail"]
         out = []
         for p in self.parts:
             vis = self.vis[p.offset:p.offset + p.rows]
             out += pc.filter(self._read(p, ["id"])["id"], pa.array(vis)).to_pylist()
         return out + pc.filter(self.tail["id"], pa.array(self.tail_vis)).to_pylist()
+
+    def stats(self) -> dict:
+        return {"checkpoints": self.count(), "commits": len(self.commits), "datasets": len(self.counts("dataset")),
+                "by_arch": self.counts("arch"), "by_collection": self.counts("cid"),
+                "index": {"snapshot": self.snapshot, "parts": len(self.parts), "rows": self.n_index,
+                          "tail_commits": len(self.tail_keys)}}
 
     def counts(self, column: str) -> dict[str, int]:
         """Visible entries per value of a string column (arch, cid, dataset)."""
@@ -367,6 +380,3 @@ def _newest_snapshot(zoo, skip) -> tuple[str | None, dict]:
             continue
     return None, {}
 
-
-def public_records(recs: list[dict]) -> list[dict]:
-    return [public(r) for r in recs]

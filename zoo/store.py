@@ -121,19 +121,9 @@ class Zoo(StoreIO):
 
     def ids(self, **filters) -> list[str]:
         """Ids of every entry (matching ``filters``, as ``query`` takes them), without reading records."""
-        if not filters:
-            return self._retry(lambda: self._view().ids())
         from zoo.index import Filters
 
-        f = Filters(**filters)
-
-        def read():
-            v = self._view()
-            places = v.match(f)
-            pos = np.array([q for w, q in places if w == "index"], np.int64)
-            tail = v.tail["id"].to_pylist()
-            return (v._take(pos, ["id"])["id"].to_pylist() if len(pos) else []) + [tail[q] for w, q in places if w == "tail"]
-        return self._retry(read)
+        return self._retry(lambda: self._view().ids(Filters(**filters) if filters else None))
 
     def query(self, arch: str | None = None, dataset: str | None = None, tag: str | None = None,
               metrics: Iterable[tuple[str, float | None, float | None]] = (), *, instruction: str | None = None,
@@ -210,14 +200,7 @@ class Zoo(StoreIO):
         return hashlib.sha256("\n".join(self._view().commits).encode()).hexdigest()[:16]
 
     def stats(self) -> dict:
-        return self._retry(self._stats)
-
-    def _stats(self) -> dict:
-        v = self._view()
-        return {"url": self.url, "checkpoints": v.count(), "commits": len(v.commits), "datasets": len(v.counts("dataset")),
-                "by_arch": v.counts("arch"), "by_collection": v.counts("cid"), "snapshot": self.snapshot_id(),
-                "index": {"snapshot": v.snapshot, "parts": len(v.parts), "rows": v.n_index,
-                          "tail_commits": len(v.tail_keys)}}
+        return {"url": self.url, **self._retry(lambda: self._view().stats()), "snapshot": self.snapshot_id()}
 
     # ------------------------------------------------------------------ tensor reads
 

@@ -7,9 +7,13 @@ Layout (one root, local directory or any fsspec URL such as ``s3://bucket/zoo``)
         commits/<commit>/zarr.json                    attrs: {"segment": seg, "records": [...]},
                                                       or {"removed": [ids]} (``zoo rm``)
         leases/<seg>/zarr.json                        held by the writer of <seg> until it commits
+    index/                                            the metadata index beside the commits (``zoo.index``)
+    nn/<collection>/<version>/                        the novelty index (``weightgen.nn_index``)
 
 Why this shape: stacked rows write ~100x faster than a group per checkpoint and read one tensor
-across many checkpoints in one request. Writers never touch each other's keys: each ingestion
+across many checkpoints in one request. A commit may list each row's ``orders`` (rows copied by
+compaction or gc keep their first commit's order, ``zoo.events``). Writers never touch each
+other's keys: each ingestion
 batch writes a fresh segment, then publishes it with one commit document (a single atomic key
 write: temp file + rename locally, one PUT on object stores). Readers only see rows named by a
 commit, so a writer killed at any moment leaves no half-written entry visible, and two writers

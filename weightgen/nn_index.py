@@ -158,7 +158,8 @@ def nearest(zoo, cid: str, sd: dict[str, torch.Tensor], candidates: int = CANDID
     order = np.argsort(best_d)[:candidates * 2]
     cand_rows = np.sort(best_i[order])
     ids = [bytes(r).hex() for r in idx["group"]["ids"].get_orthogonal_selection((cand_rows,))]
-    ids = [i for i in ids if i in zoo]  # entries removed since the index was built drop out
+    alive = zoo._retry(lambda: zoo._view().contains_many(ids))
+    ids = [i for i, a in zip(ids, alive) if a]  # entries removed since the index was built drop out
     if not ids:
         return None
     z_al, _ = align({k: v.float() for k, v in zoo.stack(ids, keys).items()}, arch, ref=ref)

@@ -277,9 +277,10 @@ class View:
                  if (tail_ids[j].startswith(ckpt_id) if prefix else tail_ids[j] == ckpt_id)]
         return hits
 
-    def records(self, where: list[tuple[str, int]]) -> list[dict]:
-        """Internal records (with ``_loc``) at these places, in the order given."""
-        cols = ["record", "cid", "seg", "row"]
+    def records(self, where: list[tuple[str, int]], full: bool = True) -> list[dict]:
+        """Internal records (with ``_loc``) at these places, in the order given; ``full=False``:
+        only ``_loc`` (tensor reads need no record: reading records decodes their row groups)."""
+        cols = ["record", "cid", "seg", "row"] if full else ["cid", "seg", "row"]
         idx = np.array(sorted({q for w, q in where if w == "index"}), np.int64)
         got = self._take(idx, cols).to_pylist() if len(idx) else []
         by_pos = dict(zip(idx.tolist(), got))
@@ -287,7 +288,7 @@ class View:
         out = []
         for w, q in where:
             r = by_pos[q] if w == "index" else tail_rows[q]
-            out.append({**json.loads(r["record"]), "_loc": (r["cid"], r["seg"], int(r["row"]))})
+            out.append({**(json.loads(r["record"]) if full else {}), "_loc": (r["cid"], r["seg"], int(r["row"]))})
         return out
 
     def contains_many(self, ids: list[str]) -> np.ndarray:
@@ -301,26 +302,23 @@ class View:
         found |= {tail_ids[j] for j in np.flatnonzero(self.tail_vis)}
         return np.array([i in found for i in ids], bool)
 
-    def match(self, f: Filters) -> list[tuple[str, int]]:
+    def match(self, f: Filters) -> "Matches":
         """Places of every visible entry matching ``f``, in commit order (index, then tail)."""
-        out: list[tuple[str, int]] = []
         cols = f.columns()
+        pos = []
         for p in self.parts:
             vis = self.vis[p.offset:p.offset + p.rows]
             m = vis & f.mask(self._read(p, cols)) if cols else vis
-            out += [("index", p.offset + int(i)) for i in np.flatnonzero(m)]
+            pos.append(p.offset + np.flatnonzero(m))
         m = self.tail_vis & f.mask(self.tail) if cols else self.tail_vis
-        out += [("tail", int(i)) for i in np.flatnonzero(m)]
-        return out
+        return Matches(np.concatenate(pos) if pos else np.zeros(0, np.int64), np.flatnonzero(m))
 
     def ids(self, f: Filters | None = None) -> list[str]:
         """Visible ids (matching ``f``), reading only the id column and the filtered ones."""
         if f is not None:
-            places = self.match(f)
-            pos = np.array([q for w, q in places if w == "index"], np.int64)
+            m = self.match(f)
             tail = self.tail["id"].to_pylist()
-            return (self._take(pos, ["id"])["id"].to_pylist() if len(pos) else []) + \
-                [tail[q] for w, q in places if w == "tail"]
+            return (self._take(m.index, ["id"])["id"].to_pylist() if len(m.index) else []) + [tail[q] for q in m.tail]
         out = []
         for p in self.parts:
             vis = self.vis[p.offset:p.offset + p.rows]
@@ -358,6 +356,26 @@ class View:
                 t = t.append_column(c, pa.nulls(t.num_rows, pa.float64()))
         pieces.append(t.select(columns).append_column("visible", pa.array(self.tail_vis)))
         return pa.concat_tables([x.select(columns + ["visible"]) for x in pieces], promote_options="default")
+
+
+class Matches:
+    """Matching places as two position arrays (a million matches are not a million Python tuples):
+    index positions, then tail rows. Indexing and slicing give ("index" | "tail", position) places."""
+
+    def __init__(self, index: np.ndarray, tail: np.ndarray):
+        self.index, self.tail = index.astype(np.int64), tail.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index) + len(self.tail)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = k + len(self) if k < 0 else k
+        return ("index", int(self.index[k])) if k < len(self.index) else ("tail", int(self.tail[k - len(self.index)]))
+
+    def __iter__(self):
+        return iter(self[:])
 
 
 def _plain(t: pa.DataType) -> pa.DataType:

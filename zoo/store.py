@@ -142,7 +142,7 @@ class Zoo(StoreIO):
         f = Filters(arch, dataset, tag, metrics, instruction, num_classes, input_shape, **equals)
         places = self._retry(lambda: self._view().match(f))
         if f.equals:  # fields without a column: checked on the records themselves
-            return [public(r) for r in self._records(places) if f.keep(r)][offset:None if limit is None else offset + limit]
+            return [public(r) for r in self._records(places[:]) if f.keep(r)][offset:None if limit is None else offset + limit]
         page = places[offset:None if limit is None else offset + limit]
         return [public(r) for r in self._records(page)]
 
@@ -196,7 +196,7 @@ class Zoo(StoreIO):
         tail_ids = v.tail["id"].to_pylist()
         where.update({tail_ids[j]: ("tail", int(j)) for j in np.flatnonzero(v.tail_vis) if tail_ids[j] in want})
         found = [i for i in uniq if i in where]
-        recs = dict(zip(found, v.records([where[i] for i in found])))
+        recs = dict(zip(found, v.records([where[i] for i in found], full=False)))
         return [recs[i] if i in recs else self._resolve(i) for i in ids]
 
     def snapshot_id(self) -> str:
@@ -249,7 +249,7 @@ class Zoo(StoreIO):
         keys = None if keys is None else list(keys)
 
         def read():
-            cid, seg, row = self._resolve(ckpt_id)["_loc"]
+            cid, seg, row = self._locate([ckpt_id])[0]["_loc"]
             meta = self._segment(cid, seg).attrs["tensors"]
             unknown = sorted(set(keys or ()) - set(meta))
             if unknown:

@@ -88,20 +88,28 @@ async def http_load(url: str, n: int, clients: int, seconds: float = 0.0, total:
             "errors": sum(errors.values()), "error_kinds": errors}
 
 
+def reserve_port() -> socket.socket:
+    """A socket bound to a free port, kept open (SO_REUSEPORT) so no one else takes the port before
+    Serve's proxy binds it too (it sets SO_REUSEPORT by default)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
 def serve_rss_mb() -> dict[str, float]:
+    """RSS of the Serve processes of the Ray this process started (its children, not every
+    process on a machine where someone else may run Serve too)."""
     out = {}
-    for p in psutil.process_iter(["cmdline", "memory_info"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd, rss = " ".join(p.cmdline()), p.memory_info().rss
+        except psutil.Error:
+            continue
         for tag in ("ServeReplica:weightgen:GeneratorDeployment", "ServeReplica:weightgen:Ingress", "ProxyActor"):
-            if tag in cmd and p.info["memory_info"]:
-                out[tag.split(":")[-1]] = out.get(tag.split(":")[-1], 0.0) + p.info["memory_info"].rss / 2**20
+            if tag in cmd:
+                out[tag.split(":")[-1]] = out.get(tag.split(":")[-1], 0.0) + rss / 2**20
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:
@@ -115,8 +123,10 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
     a = p.parse_args(argv)
     clients, ns = [int(c) for c in a.clients.split(",")], [int(n) for n in a.ns.split(",")]
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from serving.cli import LOCAL_RAY_ENV
 
+    for k, v in LOCAL_RAY_ENV.items():  # the Ray that weightgen serve starts: loopback, token auth, header cap
+        os.environ.setdefault(k, v)
     import ray
     from ray import serve
 
@@ -130,7 +140,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # leave the cores to the server from here on
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    port = free_port()
+    port_socket = reserve_port()
+    port = port_socket.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"home": str(home()), "torch_threads": a.torch_threads, "generator_replicas": a.replicas}),
               name="weightgen",
@@ -154,6 +165,7 @@ def main(argv=None) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        port_socket.close()
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, generator `{gen}`, "
                f"{a.replicas} generator replica(s) × {a.torch_threads} torch thread(s); clients on the same machine")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,6 +11,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# A test's Ray listens on 127.0.0.1 only (node address = loopback); with auth off, it must not be
+# reachable from the network. And its Serve proxies get the header cap (serving/proxy.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.proxy:setup")
+# ... with body limits sized to test_serving.py's app (1 MiB JSON, 2 MiB uploads): 4 uploads and
+# 2 JSON bodies fill the proxy's budget exactly
+os.environ.setdefault("WEIGHTGEN_PROXY_MAX_BODY_BYTES", str(3 << 20))
+os.environ.setdefault("WEIGHTGEN_PROXY_BODY_BYTES", str(10 << 20))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -25,11 +35,24 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (start-up costs ~20 s on 2 cores)."""
-    ray = pytest.importorskip("ray")
+    import ray  # a dependency, not an optional extra: missing, the tests fail
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@contextmanager
+def reserved_port(host: str = "127.0.0.1"):
+    """A free TCP port that stays ours while the block runs: the socket that the OS picked it for
+    stays bound (SO_REUSEPORT, not listening), so no other process can take it, and a server that
+    binds it with SO_REUSEPORT too (Serve's proxy does, by default) still can. No bind-then-close
+    race."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, 0))
+        yield s.getsockname()[1]
 
 
 def make_mlp_files(directory, n: int, num_classes: int = 5, start_seed: int = 0, fmt: str = "safetensors"):
@@ -55,7 +78,7 @@ def make_mlp_files(directory, n: int, num_classes: int = 5, start_seed: int = 0,
 @pytest.fixture(scope="session")
 def tiny_home(tmp_path_factory):
     """A $WEIGHTGEN_HOME with a tiny zoo (mlp-s on digits tasks) and tiny trained generators
-    (D2NWG and the hypernetwork), built once per session in ~half a minute."""
+    (D2NWG, the hypernetwork and IGPG), built once per session in ~half a minute."""
     from training.config import TrainConfig
     from training.train import train
     from zoo.population import PopulationConfig, build_population
@@ -71,6 +94,8 @@ def tiny_home(tmp_path_factory):
         train(TrainConfig(name="d2nwg-tiny", generator="d2nwg-tiny", stages={"vae": 15, "diffusion": 15}, **base),
               show_progress=False)
         train(TrainConfig(name="hypernet-tiny", generator="hypernet-tiny", stages={"regression": 15}, **base),
+              show_progress=False)
+        train(TrainConfig(name="igpg-tiny", generator="igpg-tiny", stages={"vq": 15, "prior": 15}, **base),
               show_progress=False)
     finally:
         mp.undo()

@@ -59,9 +59,29 @@ def test_cluster_has_cpu_and_gpu_workers_and_installs_the_package(cluster):
 def test_serve_configs_match_ray_serve_schema(name):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import Ingress, GeneratorDeployment
+    from serving.app import GeneratorDeployment, Ingress
+    from serving.schemas import ServeArgs
 
     cfg = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serving" / name).read_text()))
     (app,) = cfg.applications
     assert app.import_path == "serving.app:build_app"
     assert {d.name for d in app.deployments} == {Ingress.name, GeneratorDeployment.name}
+    args = ServeArgs.model_validate(app.args)  # what Serve does with them: a misspelt key is an error
+    assert set(app.args) == set(ServeArgs.model_fields) - {"home", "generator_replicas", "upload_expansion"}
+    assert not args.show_server_paths
+
+
+def test_cluster_ports_are_protected(cluster):
+    """Ray's ports: open only between the cluster's nodes (plus 8000 to the load balancer), token
+    auth on every node with the same token, the dashboard on loopback, the proxies' header cap."""
+    perms = cluster["provider"]["security_group"]["IpPermissions"]
+    assert [(p["FromPort"], p["ToPort"]) for p in perms] == [(8000, 8000)]
+    assert all("IpRanges" not in p and p["UserIdGroupPairs"] for p in perms)  # never 0.0.0.0/0
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for c in starts:
+        assert "RAY_AUTH_MODE=token" in c and "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.proxy:setup" in c
+        assert "0.0.0.0" not in c
+    assert "--dashboard-host=127.0.0.1" in starts[0]
+    assert any("RAY_AUTH_MODE=token" in c for c in cluster["setup_commands"])

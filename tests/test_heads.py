@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from weightgen import build_model, get_arch
+from weightgen import build_model
 from weightgen.data import load_dataset
 from weightgen.evaluate import accuracy_many, logits_many, prototype_accuracy
 from weightgen.heads import (MAX_FOLDS, _lda, _stats, embed_linear_classifier, fit_head, fit_lda,

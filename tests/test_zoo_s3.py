@@ -1,28 +1,23 @@
-"""The same zoo code on an S3-compatible object store (moto in server mode, as s3fs's tests do)."""
-import socket
+"""The same zoo code on an S3-compatible object store (moto in server mode, as s3fs's tests do).
 
+moto[server] is in the test extra and s3fs a dependency: imported plainly, a missing one fails the
+run instead of skipping these tests unnoticed."""
 import pytest
+import s3fs  # noqa: F401
 import torch
+from moto.server import ThreadedMotoServer
 
 from conftest import make_mlp_files
 from zoo import Zoo, checkpoint_id
 from zoo.export import export_checkpoint
 from zoo.ingest import ingest
 
-pytest.importorskip("moto.server")
-pytest.importorskip("s3fs")
-
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)  # the OS picks a free port as it binds: no race
     server.start()
-    url = f"http://127.0.0.1:{port}"
+    url = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
     import boto3
 
     boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",

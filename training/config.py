@@ -17,6 +17,7 @@ class TrainConfig:
     arch: str = "mlp-s"
     num_classes: int = 5
     input_shape: list = field(default_factory=lambda: [64])
+    extra_archs: list = field(default_factory=list)  # more archs (same classes and input) for one multi-arch generator
     dataset_prefix: str = "digits:"
     mode: str = "full"
     min_test_acc: float = 0.9  # skip undertrained checkpoints (early steps of a run)

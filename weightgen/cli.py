@@ -173,19 +173,24 @@ def default_out(a) -> str:
 
     from weightgen.paths import home
 
-    slug = re.sub(r"[^A-Za-z0-9.,=-]+", "-", a.dataset).strip("-")[:80] or "dataset"
+    slug = re.sub(r"[^A-Za-z0-9.,=-]+", "-", a.dataset or "instruction").strip("-")[:80] or "dataset"
     return str(home() / "samples" / f"{a.arch}_{slug}_seed{a.seed}")
 
 
 def cmd_sample(a) -> int:
+    import torch
+
     from weightgen.outputs import check_out_dir
     from weightgen.sampling import sample, write
 
     out_dir = a.out or default_out(a)
     check_out_dir(out_dir)  # an unusable --out fails now, not after sampling
+    # weights depend on the intra-op thread count at ~1e-6 (float sums split differently across
+    # threads); servers sample with 1 thread per replica, and so does this by default: same bytes
+    torch.set_num_threads(a.torch_threads)
     res = sample(a.arch, a.dataset, generator=a.generator, n=a.n, select=a.select, seed=a.seed,
                  instruction=a.instruction, refine_steps=a.refine, novelty=not a.no_novelty, head=a.head,
-                 support_per_class=a.support_per_class)
+                 support_per_class=a.support_per_class, text_encoder=a.text_encoder)
     out = write(res, out_dir)
     m = res.manifest
     for w in m["warnings"]:
@@ -194,13 +199,34 @@ def cmd_sample(a) -> int:
         print(json.dumps(m, indent=1))
     else:
         nov = m.get("novelty") or {}
-        pred = ("n/a (too few examples to set any aside)" if m["predicted_accuracy"] is None else
+        pred = (("n/a (no data)" if not m["support_size"] else "n/a (too few examples to set any aside)")
+                if m["predicted_accuracy"] is None else
                 f"{m['predicted_accuracy']:.3f} [{m['predicted_accuracy_interval'][0]:.3f}, "
                 f"{m['predicted_accuracy_interval'][1]:.3f}] on {m['predicted_accuracy_n']} held-out examples")
         print(f"wrote {out}/model.safetensors ({m['arch']}, {m['num_classes']} classes) from {m['generator']}: "
-              f"support acc {m['support_accuracy']:.3f}, predicted acc {pred}, novelty "
+              f"support acc {'n/a' if m['support_accuracy'] is None else format(m['support_accuracy'], '.3f')}, "
+              f"predicted acc {pred}, novelty "
               + (f"{nov['ratio']:.2f}" if nov.get("ratio") is not None else "n/a")
               + (f", refined {m['refine_steps']} steps" if m["refine_steps"] else ""))
+    return 0
+
+
+def cmd_xbt_fit(a) -> int:
+    from weightgen.xbt import fit
+
+    print(fit(a.old, a.new, a.out, steps=a.steps, rank=a.rank, noise_std=a.noise, show_progress=not a.no_progress))
+    return 0
+
+
+def cmd_xbt_eval(a) -> int:
+    from weightgen.xbt import evaluate
+
+    res = evaluate(a.dir, generation=not a.no_generation)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for k, v in res.items():
+            print(f"{k:32} {v}")
     return 0
 
 
@@ -309,9 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate ready-to-load weights for an architecture and a dataset")
     s.add_argument("--arch", required=True, type=arch_arg, help="mlp-s, mlp-m, cnn-s, vit-t, vit-s, resnet-18, ...")
-    s.add_argument("--dataset", required=True, help="registry name (digits:classes=3,1,4) or npz:PATH / folder:PATH")
+    s.add_argument("--dataset", help="registry name (digits:classes=3,1,4) or npz:PATH / folder:PATH; may be left out "
+                                     "with an --instruction for a generator that reads text")
     s.add_argument("--generator", help="trained generator name or directory (default: the one for this arch)")
     s.add_argument("--instruction", help="a text instruction (used by instruction-conditioned generators)")
+    s.add_argument("--text-encoder", help="embed the instruction with this encoder (e.g. paraphrase-minilm-l3); a "
+                                          "generator trained with another reads it through an XBT projection")
     s.add_argument("--n", type=_int_in(1, 4096, "--n"), default=8, help="candidates to sample")
     s.add_argument("--select", choices=["best", "none"], default="best",
                    help="best: keep the candidate with the best support-set accuracy; none: the first one")
@@ -325,9 +354,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine", type=_int_in(0, None, "--refine"), default=0, metavar="K",
                    help="K gradient steps on the support set after sampling (off by default; declared in the manifest)")
     s.add_argument("--no-novelty", action="store_true", help="skip the novelty check against the zoo")
+    s.add_argument("--torch-threads", type=_int_in(1, None, "--torch-threads"), default=1,
+                   help="torch threads (default 1, as a server replica: the same request gives the same bytes)")
     s.add_argument("--out", help="output directory (default: $WEIGHTGEN_HOME/samples/ARCH_DATASET_seedSEED)")
     s.add_argument("--json", action="store_true", help="print the manifest")
     s.set_defaults(fn=cmd_sample)
+
+    xp = sub.add_parser("xbt", help="XBT projections: use a new text encoder with generators trained on an old one"
+                        ).add_subparsers(dest="xbt_command", required=True)
+    s = xp.add_parser("fit", help="fit the projection NEW -> OLD on text (minutes on 2 cores)")
+    s.add_argument("--old", required=True, help="the encoder generators were trained with (e.g. minilm-l6)")
+    s.add_argument("--new", required=True, help="the encoder to adopt (e.g. paraphrase-minilm-l3)")
+    s.add_argument("--out", help="directory (default: $WEIGHTGEN_HOME/xbt/NEW__to__OLD, where sampling looks)")
+    s.add_argument("--steps", type=_int_in(1, None, "--steps"), default=3000)
+    s.add_argument("--rank", type=_int_in(0, None, "--rank"), default=0, help="low-rank linear part (0: full)")
+    s.add_argument("--noise", type=float, default=0.1, help="injected noise, relative to the embedding norm")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_xbt_fit)
+    s = xp.add_parser("eval", help="recall@1 of held-out phrasings old->old, new->old raw and projected; "
+                                   "held-out generation accuracy with old vs projected conditions")
+    s.add_argument("dir")
+    s.add_argument("--no-generation", action="store_true", help="recall only (no trained IGPG needed)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_xbt_eval)
 
     s = sub.add_parser("generators", help="list trained generators")
     s.set_defaults(fn=cmd_generators)
@@ -358,14 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.data import DatasetError
     from weightgen.outputs import OutputError
     from weightgen.registry import UnknownNameError
-    from weightgen.sampling import NoGeneratorError
+    from weightgen.sampling import NoGeneratorError, RequestError
+    from weightgen.text import NoProjectionError
     from zoo.store import ZooError
 
     try:
         rc = int(args.fn(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler
         return rc
-    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError, OutputError) as e:
+    except (ZooError, DatasetError, UnknownNameError, ShapeError, NoGeneratorError, OutputError, RequestError,
+            NoProjectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `weightgen zoo ls | head`: the reader has what it wanted

@@ -38,26 +38,22 @@ import torch
 
 from weightgen import baselines
 from weightgen.align import align
-from weightgen.archs import get_arch, image_shape
+from weightgen.archs import get_arch
 from weightgen.baselines import Request, ZooIndex
 from weightgen.data import TaskData, load_dataset
 from weightgen.data.digits import get_family
 from weightgen.encoders import group_support
 from weightgen.eval_report import format_tables, summarize, write_report  # noqa: F401  (re-exported)
+from weightgen.eval_tasks import (VARIANTS, HeldOutLeak, check_heldout, elastic_task, shift_task,  # noqa: F401
+                                  variant_task)
 from weightgen.evaluate import accuracy_many
 from weightgen.generators import Condition
 from weightgen.generators.common import decode_tokens
+from weightgen.instructions import EVAL_TEMPLATES, digits_from_dataset, phrase
 from weightgen.novelty import novelty_vs_zoo
 from weightgen.sampling import candidates
 
 FT_STEPS = (0, 5, 10, 25, 50, 100)
-VARIANTS = ("heldout", "shifted", "elastic", "mnist8")
-
-
-class HeldOutLeak(AssertionError):
-    """A held-out task is in the zoo or in a generator's training tasks: the evaluation would lie."""
-
-
 @dataclass
 class EvalConfig:
     arch: str = "mlp-s"
@@ -97,79 +93,7 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
-# --------------------------------------------------------------------------- tasks
-
-
-def _class_set(name: str):
-    """``digits:classes=4,2,8`` -> ("digits", {2, 4, 8}); None for a name without a class list."""
-    kind, _, args = name.partition(":")
-    if not args.startswith("classes=") or ";" in args:
-        return None
-    try:
-        return kind, frozenset(int(c) for c in args.removeprefix("classes=").split(","))
-    except ValueError:
-        return None
-
-
-def check_heldout(tasks: dict[str, list[str]], zoo_tasks, generator_tasks: dict[str, set]) -> None:
-    """A ``tuple`` task must not be in the zoo or a generator's training tasks; a ``set`` task's
-    class *set* must not be there in any order (comparing names missed ``4,3,2,1,0`` vs ``0,1,2,3,4``)."""
-    pools = {"in the zoo": set(zoo_tasks), **{f"a training task of generator {g!r}": set(seen)
-                                              for g, seen in generator_tasks.items()}}
-    sets = {where: {_class_set(p) for p in pool} - {None} for where, pool in pools.items()}
-    for kind, names in tasks.items():
-        for t in names:
-            for where, pool in pools.items():
-                if t in pool:
-                    raise HeldOutLeak(f"held-out {kind} task {t!r} is {where}")
-                if kind == "set" and _class_set(t) in sets[where]:
-                    raise HeldOutLeak(f"held-out set task {t!r} has the class set of a task that is {where}")
-
-
-def shift_task(task: TaskData, pixels: int = 1) -> TaskData:
-    """The task with every image rolled ``pixels`` to the right (wrapping)."""
-    shape = image_shape(task.input_shape)
-    roll = lambda x: x.reshape(len(x), *shape).roll(pixels, -1).reshape(x.shape)  # noqa: E731
-    return dataclasses.replace(task, name=f"{task.name}+roll{pixels}", x_train=roll(task.x_train),
-                               x_test=roll(task.x_test))
-
-
-def elastic_task(task: TaskData, alpha: float = 0.25, sigma: float = 1.5, seed: int = 0) -> TaskData:
-    """Every image displaced by its own smooth random field (Simard et al. 2003): ``alpha`` pixels
-    of displacement (std), Gaussian-smoothed with ``sigma``; bilinear, zero outside. An 8x8 pixel
-    is a 4x4 block of the original bitmap, so warps are severe fast: the severity was set from
-    scratch training alone, on a zoo class set (alpha 1.0: 49 %, 0.5: 83 %, 0.25: 95 %), never from
-    a generator's or baseline's score."""
-    c, h, w = image_shape(task.input_shape)
-    g = torch.Generator().manual_seed(seed)
-    r = int(3 * sigma)
-    k1 = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma ** 2))
-    k1 = k1 / k1.sum()
-
-    def warp(x):
-        im = x.reshape(len(x), c, h, w)
-        field = torch.rand(len(x), 2, h, w, generator=g) * 2 - 1
-        field = torch.nn.functional.conv2d(field.reshape(-1, 1, h, w), k1.view(1, 1, 1, -1), padding=(0, r))
-        field = torch.nn.functional.conv2d(field, k1.view(1, 1, -1, 1), padding=(r, 0)).reshape(len(x), 2, h, w)
-        field = field / field.flatten(1).std(1).clamp_min(1e-6)[:, None, None, None] * alpha
-        ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-        gx = (xs + field[:, 0]) / (w - 1) * 2 - 1
-        gy = (ys + field[:, 1]) / (h - 1) * 2 - 1
-        out = torch.nn.functional.grid_sample(im, torch.stack([gx, gy], -1), align_corners=True)
-        return out.reshape(x.shape).clamp(0, 1)
-    return dataclasses.replace(task, name=f"{task.name}+elastic", x_train=warp(task.x_train), x_test=warp(task.x_test))
-
-
-def variant_task(name: str, variant: str) -> TaskData:
-    if variant == "heldout":
-        return load_dataset(name)
-    if variant == "shifted":
-        return shift_task(load_dataset(name))
-    if variant == "elastic":
-        return elastic_task(load_dataset(name))
-    if variant == "mnist8":  # the same class tuple, from MNIST in the 8x8 digits format
-        return load_dataset("mnist:size=8;classes=" + name.split("classes=", 1)[1])
-    raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+# --------------------------------------------------------------------------- generators as sources
 
 
 def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tuple]:
@@ -180,7 +104,7 @@ def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tup
 
     out = {}
     for g in trained_generators(root):
-        if (g.arch, g.input_shape, g.config.get("mode", "full")) != (arch, tuple(input_shape), "full"):
+        if (arch, tuple(input_shape)) not in g.makes or g.config.get("mode", "full") != "full":
             continue
         loaded = load_generator(str(g.path))
         if loaded.model.unfit_reason(arch, input_shape, k) is not None:  # e.g. a hypernet for another class count
@@ -190,12 +114,32 @@ def find_generators(root: Path, arch: str, k: int, input_shape) -> dict[str, tup
     return out
 
 
+def _eval_instruction(task: TaskData, seed: int) -> str | None:
+    """A phrasing of the task that no generator was trained on (``EVAL_TEMPLATES``), or None."""
+    classes = digits_from_dataset(task.name)
+    return phrase(classes, EVAL_TEMPLATES[seed % len(EVAL_TEMPLATES)]) if classes else None
+
+
 def generator_source(gen, head: str, input_profile: dict | None = None):
-    """A generator as a weight source, exactly as ``weightgen sample`` runs it: (stacked sd, selection score)."""
+    """A generator as a weight source, exactly as ``weightgen sample`` runs it: (stacked sd, selection
+    score). Generators that read text also get the task in words, in a held-out phrasing."""
     def source(req: Request):
+        instruction = _eval_instruction(req.task, req.seed) if gen.capabilities.text else None
         c = candidates(gen, req.arch, req.task.num_classes, req.shape, req.support_x, req.support_y, req.n,
-                       seed=req.seed, head=head, input_profile=input_profile)
+                       seed=req.seed, head=head, input_profile=input_profile, instruction=instruction,
+                       class_names=req.task.class_names or None)
         return c.sd, c.score
+    return source
+
+
+def instruction_source(gen):
+    """A text-reading generator given only the task in words (held-out phrasing), no data; best-of-n
+    by its own likelihood, as ``weightgen sample`` without --dataset."""
+    def source(req: Request):
+        classes = digits_from_dataset(req.task.name)
+        cond = Condition(None, _eval_instruction(req.task, req.seed), class_names=[str(c) for c in classes],
+                         arch=req.arch)
+        return gen.sample_with_likelihood(cond, req.n, generator=torch.Generator().manual_seed(req.seed))
     return source
 
 
@@ -204,6 +148,8 @@ def methods_for(cfg: EvalConfig, gens: dict) -> dict:
     for name, (g, info) in gens.items():
         methods[name] = generator_source(g, "fit", info.get("input_profile"))
         methods[name + "/generated"] = generator_source(g, "generated")
+        if g.capabilities.text:
+            methods[name + "/instruction"] = instruction_source(g)
     methods.update(baselines.BASELINES)
     if get_arch(cfg.arch).family != "mlp":  # the probes embed a linear rule in an MLP's ReLU units
         methods.pop("lda"), methods.pop("logreg")
@@ -234,14 +180,15 @@ def fine_tune(cfg: EvalConfig, task: TaskData, starts: dict[str, dict]) -> dict[
 def reconstruction(gen, arch: str, task: TaskData, sd: dict) -> dict:
     """Test accuracy of ``sd`` and of its autoencoder reconstruction (aligned, standardized, tokenized)."""
     k, shape = task.num_classes, task.input_shape
-    keys = list(gen.stats.stat_names)
-    al, _ = align({n: sd[n] for n in keys}, arch, ref=gen.stats.align_ref() or None)
+    stats = gen.weight_stats(arch)
+    keys = list(stats.stat_names)
+    al, _ = align({n: sd[n] for n in keys}, arch, ref=stats.align_ref() or None)
     layout = gen.layout(k)
-    tokens = layout.tokenize(gen.stats.standardizer().normalize(al))
+    tokens = layout.tokenize(stats.standardizer().normalize(al))
     per_class = gen.support_per_class
     sx, sy = task.support(per_class, 0)
     support = group_support(sx, sy, k, per_class, torch.Generator().manual_seed(0))[None]
-    rec = {**sd, **decode_tokens(layout, gen.reconstruct(tokens, k, support), gen.stats)}
+    rec = {**sd, **decode_tokens(layout, gen.reconstruct(tokens, k, support), stats)}
     acc = lambda w: float(accuracy_many(arch, k, shape, w, task.x_test, task.y_test).mean())  # noqa: E731
     return {"orig": acc(sd), "recon": acc(rec)}
 
@@ -359,7 +306,7 @@ def _eval_task(cfg, res, methods, gens, index, variant, kind, task, seed) -> Non
         for name, (gen, info) in gens.items():
             if gen.capabilities.reconstruct:
                 res["recon"].append({**key, "generator": name, **reconstruction(gen, cfg.arch, task, sds["scratch"])})
-            for m in (name, name + "/generated"):
+            for m in [m for m in (name, name + "/generated", name + "/instruction") if m in sds]:
                 nov = novelty_vs_zoo(gen, info, cfg.arch, task.num_classes, task.input_shape, sds[m], task,
                                      ref_dir=info.get("dir")) or {}
                 res["novelty"].append({**key, "generator": m, "acc": rows[m]["mean"],

@@ -202,7 +202,6 @@ def fit_head(arch: str, num_classes: int, input_shape, sd: dict[str, torch.Tenso
     room for them. Returns the new stacked state dict and the fit (CV accuracy per candidate)."""
     k, spec = num_classes, get_arch(arch)
     sd = {name: v.float().clone() for name, v in sd.items()}
-    n = next(iter(sd.values())).shape[0]
     x = x.flatten(1).float()
     layers = _mlp_layers(sd) if spec.family == "mlp" else 0
     pairs = 2 * (k - 1)

@@ -65,12 +65,13 @@ def save_reference(gen, zoo_url: str, arch: str, k: int, shape, out_dir) -> int:
     hidden units), so the nearest checkpoint's accuracy is measured on them. Returns the row count."""
     from safetensors.torch import save_file
 
-    keys = list(gen.stats.stat_names)
+    stats = gen.weight_stats(arch)
+    keys = list(stats.stat_names)
     got = _zoo_reference(zoo_url, arch, k, tuple(shape), tuple(keys))
     if got is None:
         return 0
     ids, zoo_sd = got
-    zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=gen.stats.align_ref() or None)
+    zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=stats.align_ref() or None)
     meta = {"ids": json.dumps(ids), "arch": arch, "num_classes": str(k), "input_shape": json.dumps(list(shape))}
     save_file({n: v.contiguous() for n, v in zoo_al.items()}, str(Path(out_dir) / REFERENCE_FILE), metadata=meta)
     return len(ids)
@@ -101,8 +102,9 @@ def _prepared_zoo(gen, info: dict, arch: str, k: int, shape, ref_dir=None) -> di
     hit = per_gen.get(key)
     if hit is not None and (hit["zx"] is not None or time.monotonic() - hit["at"] < MISS_TTL_S):
         return hit if hit["zx"] is not None else None
-    keys = list(gen.stats.stat_names)
-    ref = {n: v for n, v in gen.stats.align_ref().items()}
+    stats = gen.weight_stats(arch)
+    keys = list(stats.stat_names)
+    ref = {n: v for n, v in stats.align_ref().items()}
     stored = _stored_reference(ref_dir, arch, k, shape)
     if stored is not None:
         ids, zoo_al = stored
@@ -116,7 +118,7 @@ def _prepared_zoo(gen, info: dict, arch: str, k: int, shape, ref_dir=None) -> di
             return None
         ids, zoo_sd = got
         zoo_al, _ = align({n: zoo_sd[n].float() for n in keys}, arch, ref=ref or None)
-    std = gen.stats.standardizer()
+    std = stats.standardizer()
     zx = flat(zoo_al, keys, std)
     per_gen[key] = {"ids": ids, "zoo_sd": zoo_al, "zx": zx, "zx_sq": zx.pow(2).sum(1), "base": zoo_nn_distance(zx),
                     "keys": keys, "ref": ref, "std": std}

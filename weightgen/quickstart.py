@@ -1,8 +1,8 @@
 """``weightgen quickstart``: the embedded default, end to end, idempotently.
 
 Builds the default zoo (mlp-s on the digits task family, from scikit-learn's shipped digits)
-and trains the default generators (D2NWG, and the hypernetwork baseline it is compared with)
-into ``$WEIGHTGEN_HOME``. Steps whose output exists are skipped, so re-running is cheap.
+and trains the default generators (D2NWG, IGPG, and the hypernetwork baseline they are compared
+with) into ``$WEIGHTGEN_HOME``. Steps whose output exists are skipped, so re-running is cheap.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from weightgen.paths import default_zoo, generators_dir
 
 CONFIGS = Path(training.__file__).parent / "configs"
 POPULATION = dict(arch="mlp-s", family="digits-subsets", tasks=200, seeds=5, steps=300, k=5)
-GENERATOR_CONFIGS = ("d2nwg_digits.yaml", "hypernet_digits.yaml")
+GENERATOR_CONFIGS = ("d2nwg_digits.yaml", "igpg_digits.yaml", "hypernet_digits.yaml")
 FAST = {"population": dict(tasks=40, seeds=3, steps=150), "stage_scale": 0.1, "suffix": "-fast"}
 
 

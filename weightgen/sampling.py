@@ -38,6 +38,10 @@ class NoGeneratorError(LookupError):
     """No trained generator fits the request; the message says how to make one."""
 
 
+class RequestError(ValueError):
+    """A request with nothing to condition on, or an instruction that cannot be read."""
+
+
 class GeneratorMismatchError(NoGeneratorError, ValueError):
     """The generator asked for exists but makes another arch or input shape (a bad request)."""
 
@@ -54,7 +58,7 @@ def find_generator(arch: str, input_shape, name: str | None = None) -> Path:
         if arch:
             check_fits(hits[0].info(), arch, input_shape)
         return hits[0].path
-    fits = [g for g in trained if (g.arch, g.input_shape) == (arch, tuple(input_shape))]
+    fits = [g for g in trained if (arch, tuple(input_shape)) in g.makes]
     if not fits:
         seen = [f"{g.name} ({g.arch}, input {g.input_shape})" for g in trained]
         raise NoGeneratorError(
@@ -65,9 +69,9 @@ def find_generator(arch: str, input_shape, name: str | None = None) -> Path:
 
 
 def check_fits(info: dict, arch: str, input_shape) -> None:
-    """A generator makes one arch for one input shape; asking it for another is the caller's mistake."""
+    """A generator makes given archs for given input shapes; asking it for another is the caller's mistake."""
     made = (info.get("arch"), tuple(info.get("input_shape") or ()))
-    if made != (arch, tuple(input_shape)):
+    if (arch, tuple(input_shape)) not in [(a, tuple(s)) for a, s in info.get("makes") or [made]]:
         raise GeneratorMismatchError(f"Generator {info.get('name')!r} makes {made[0]} for input shape {made[1]}, "
                                f"not {arch} for input shape {tuple(input_shape)}; name another generator or "
                                f"leave it out to pick one that fits.")
@@ -83,7 +87,8 @@ def default_generators() -> list[Path]:
     the request names none: what a server preloads."""
     groups: dict[tuple, list[TrainedGenerator]] = {}
     for g in trained_generators():
-        groups.setdefault((g.arch, g.input_shape), []).append(g)
+        for made in g.makes:
+            groups.setdefault(made, []).append(g)
     return [_preferred(fits).path for fits in groups.values()]
 
 
@@ -161,7 +166,8 @@ class Candidates:
 
 
 def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0,
-               head: str = "fit", instruction: str | None = None, input_profile: dict | None = None) -> Candidates:
+               head: str = "fit", instruction: str | None = None, input_profile: dict | None = None,
+               class_names: list[str] | None = None, text_encoder: str | None = None) -> Candidates:
     """Condition ``gen`` on the support (x, y), draw n weight sets, and (head="fit") replace their
     classifier by the closed-form head of :mod:`weightgen.heads`. The generator reads as many
     examples per class as it was trained to (drawn from the support, seeded); the head and the
@@ -175,7 +181,8 @@ def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, 
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     m = gen.support_per_class
     support = group_support(x, y, k, m, torch.Generator().manual_seed(seed))
-    raw = gen.sample(Condition(support, instruction), n, generator=torch.Generator().manual_seed(seed))
+    cond = Condition(support, instruction, class_names=class_names, arch=arch, extra={"text_encoder": text_encoder})
+    raw = gen.sample(cond, n, generator=torch.Generator().manual_seed(seed))
     raw = {name: v.contiguous() for name, v in raw.items()}
     gen_acc = accuracy_many(arch, k, shape, raw, x, y)
     if head == "fit" and int(torch.bincount(y, minlength=k).min()) < 2:
@@ -194,20 +201,39 @@ def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, 
                       "support accuracy (too few examples per class to cross-validate)", gen_acc, m, fit)
 
 
-def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator | None = None, n: int = 8, select: str = "best",
-           seed: int = 0, instruction: str | None = None, refine_steps: int = 0, novelty: bool = True,
-           head: str = "fit", support_per_class: int = SUPPORT_CAP) -> SampleResult:
-    """Generate weights of ``arch`` for ``dataset``; see the module docstring for what is and is not done."""
-    t0 = time.time()
-    spec = get_arch(arch)
-    task = dataset if isinstance(dataset, TaskData) else load_dataset(dataset)
-    spec.check_input(task.input_shape)
+def _check_request(n: int, seed: int, select: str) -> None:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0 <= seed < 2**63:  # what torch.Generator.manual_seed takes (and the HTTP API's range)
         raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed}")
     if select not in ("best", "none"):
         raise ValueError(f"select must be 'best' or 'none', got {select!r}")
+
+
+def text_conditions(gen, instruction: str | None, text_encoder: str | None) -> dict | None:
+    """Which text encoder embeds the instruction, and the XBT projection into the generator's
+    encoder when they differ (raises NoProjectionError before any work when there is none)."""
+    if not instruction or not gen.capabilities.text:
+        return None
+    from weightgen.xbt import encode_for
+
+    return encode_for([instruction], gen.config.text_encoder, text_encoder)[1]
+
+
+def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGenerator | None = None, n: int = 8,
+           select: str = "best", seed: int = 0, instruction: str | None = None, refine_steps: int = 0,
+           novelty: bool = True, head: str = "fit", support_per_class: int = SUPPORT_CAP,
+           text_encoder: str | None = None) -> SampleResult:
+    """Generate weights of ``arch`` for ``dataset``; see the module docstring for what is and is not done.
+    With no dataset, an instruction alone conditions a generator that reads text; ``text_encoder``
+    embeds it with another encoder than the generator's, through an XBT projection."""
+    if dataset is None:
+        return sample_from_instruction(arch, instruction, generator, n, select, seed, novelty, text_encoder)
+    t0 = time.time()
+    spec = get_arch(arch)
+    task = dataset if isinstance(dataset, TaskData) else load_dataset(dataset)
+    spec.check_input(task.input_shape)
+    _check_request(n, seed, select)
     if isinstance(generator, LoadedGenerator):
         loaded = generator
         check_fits(loaded.info, arch, task.input_shape)
@@ -220,7 +246,9 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         raise GeneratorMismatchError(f"Generator {info['name']!r} {why}; name another generator or leave it out.")
     split = split_user_data(task.x_train, task.y_train, k, support_per_class, seed)
     sx, sy = split.x, split.y  # only read: conditioning, closed-form parts, selection
-    cands = candidates(gen, arch, k, shape, sx, sy, n, seed, head, instruction, loaded.input_profile)
+    text = text_conditions(gen, instruction, text_encoder)
+    cands = candidates(gen, arch, k, shape, sx, sy, n, seed, head, instruction, loaded.input_profile,
+                       class_names=task.class_names or None, text_encoder=text_encoder)
     pick = int(torch.argmax(cands.score)) if select == "best" else 0  # argmax: first of ties, deterministic
     sd = {name: v[pick].clone().contiguous() for name, v in cands.sd.items()}
     if refine_steps:
@@ -244,6 +272,7 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         "zoo_snapshot": info["zoo_snapshot"], "arch": arch, "dataset": task.name, "dataset_fingerprint": task.fingerprint(),
         "num_classes": k, "input_shape": list(shape), "seed": seed, "n": n, "select": select, "selected_index": pick,
         "instruction": instruction, "instruction_used": bool(instruction) and gen.capabilities.text,
+        "conditions": {"features": gen.config.get("feature", "raw"), "text": text},
         "trained_on": {"num_classes": trained["num_classes"], "any_class_count": trained["any_class_count"],
                        "input_shape": trained["input_shape"], "tasks": loaded.training_tasks,
                        "input_shift": shift},
@@ -261,6 +290,7 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         "predicted_accuracy_interval": list(wilson_interval(correct, est_n)) if est_n else None,
         "predicted_accuracy_n": est_n, "predicted_accuracy_basis": split.basis,
         "refine_steps": refine_steps, "zero_shot": refine_steps == 0, "seconds": round(time.time() - t0, 3),
+        "torch_threads": torch.get_num_threads(),  # the bytes depend on it (~1e-6): part of what reproduces them
     }
     if novelty:
         from weightgen.novelty import novelty_vs_zoo
@@ -268,6 +298,70 @@ def sample(arch: str, dataset: str | TaskData, generator: str | LoadedGenerator 
         manifest["novelty"] = novelty_vs_zoo(gen, info, arch, k, shape, one, task, ref_dir=loaded.path)
     cfg = model_config(arch, k, shape, dataset=task.name)
     return SampleResult(sd, cfg, manifest, [float(s) for s in cands.score])
+
+
+def sample_from_instruction(arch: str, instruction: str | None, generator: str | LoadedGenerator | None = None,
+                            n: int = 8, select: str = "best", seed: int = 0, novelty: bool = True,
+                            text_encoder: str | None = None) -> SampleResult:
+    """Weights from an instruction alone ("classify handwritten 2, 7 and 9"): its classes, in the order
+    named, are the labels. There is no data to fit, select or measure on, so best-of-n keeps the
+    sample the generator itself finds most likely (mean log-likelihood of its codes) — the only
+    honest score there is — and the manifest predicts no accuracy."""
+    from weightgen.instructions import classes_from_instruction
+
+    t0 = time.time()
+    if not instruction:
+        raise RequestError("give --dataset, or an --instruction for a generator that reads text")
+    _check_request(n, seed, select)
+    try:
+        classes = classes_from_instruction(instruction)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if isinstance(generator, LoadedGenerator):
+        loaded = generator
+    else:
+        named = [read_trained(generator)] if generator and (Path(generator) / "config.json").is_file() else None
+        texts = [g for g in (named or trained_generators()) if arch in [a for a, _ in g.makes] and g.reads_text
+                 and (named or generator in (None, g.name))]
+        if not texts:
+            raise NoGeneratorError(f"No trained generator that reads instructions makes {arch}"
+                                   + (f" under the name {generator!r}" if generator else "")
+                                   + "; train one (training/configs/igpg_digits.yaml) or give --dataset")
+        loaded = load_generator(str(_preferred(texts).path))
+    gen, info = loaded.model, loaded.info
+    if not gen.capabilities.text:
+        raise GeneratorMismatchError(f"Generator {info['name']!r} does not read instructions; give --dataset")
+    shape = next(s for a, s in read_trained(loaded.path).makes if a == arch)
+    k = len(classes)
+    why = gen.unfit_reason(arch, shape, k)
+    if why:
+        raise GeneratorMismatchError(f"Generator {info['name']!r} {why}")
+    text = text_conditions(gen, instruction, text_encoder)
+    cond = Condition(None, instruction, class_names=[str(c) for c in classes], arch=arch,
+                     extra={"text_encoder": text_encoder})
+    sd, loglik = gen.sample_with_likelihood(cond, n, generator=torch.Generator().manual_seed(seed))
+    pick = int(torch.argmax(loglik)) if select == "best" else 0
+    one = {name: v[pick][None].contiguous() for name, v in sd.items()}
+    manifest = {
+        "weightgen_version": __version__, "generator": info["name"], "generator_class": info["class"],
+        "zoo_snapshot": info["zoo_snapshot"], "arch": arch, "dataset": None, "num_classes": k,
+        "input_shape": list(shape), "class_names": [str(c) for c in classes], "seed": seed, "n": n, "select": select,
+        "selected_index": pick, "instruction": instruction, "instruction_used": True,
+        "conditions": {"features": None, "text": text},
+        "selection_basis": "the generator's own mean log-likelihood of the sample (no data to measure on)",
+        "candidates_score": [round(float(s), 4) for s in loglik], "head": "generated", "head_used": "generated",
+        "closed_form": {}, "trained_on": {**gen.trained_for(), "tasks": loaded.training_tasks},
+        "warnings": ["no data was given: the weights were generated from the instruction alone and no accuracy is "
+                     "predicted; give --dataset to condition, fit and measure on examples"],
+        "support_size": 0, "support_accuracy": None, "predicted_accuracy": None, "predicted_accuracy_interval": None,
+        "predicted_accuracy_n": 0, "predicted_accuracy_basis": "none: no data", "refine_steps": 0, "zero_shot": True,
+        "seconds": round(time.time() - t0, 3)}
+    if novelty:
+        from weightgen.novelty import novelty_vs_zoo
+
+        manifest["novelty"] = novelty_vs_zoo(gen, info, arch, k, shape, one, None, ref_dir=loaded.path)
+    cfg = model_config(arch, k, shape, dataset=None, class_names=[str(c) for c in classes])
+    return SampleResult({name: v[0] for name, v in one.items()}, cfg, manifest, [float(s) for s in loglik])
 
 
 def write(result: SampleResult, out_dir: str | Path) -> Path:

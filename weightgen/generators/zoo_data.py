@@ -29,6 +29,7 @@ class ZooWeights:
     tokens: torch.Tensor  # (N, T, C) standardized
     snapshot: str
     _task_data: list | None = None
+    instructions: list[list[str]] | None = None  # per checkpoint, the phrasings stored in the zoo
 
     @classmethod
     def from_zoo(cls, zoo, arch: str, num_classes: int, input_shape, dataset_prefix: str = "", mode: str = "full",
@@ -52,7 +53,8 @@ class ZooWeights:
         tasks = sorted({r["dataset"] for r in recs})
         t_index = torch.tensor([tasks.index(r["dataset"]) for r in recs])
         return cls(arch, num_classes, tuple(input_shape), mode, ids, [r["dataset"] for r in recs], tasks, t_index,
-                   aligned, ref, std, layout, tokens, zoo.snapshot_id())
+                   aligned, ref, std, layout, tokens, zoo.snapshot_id(),
+                   instructions=[list(r.get("instructions") or []) for r in recs])
 
     def _pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every task's train split as one padded tensor (tasks, K, max per class, *input) + counts."""
@@ -71,6 +73,27 @@ class ZooWeights:
             self._task_data = [pool, counts]
         return self._task_data[0], self._task_data[1]
 
+    def texts(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> list[str]:
+        """One instruction per row, drawn from the phrasings the zoo stores for that checkpoint (or,
+        for zoos written before phrasings were stored, made from its digit-subset dataset name)."""
+        from weightgen.instructions import digits_from_dataset, phrasings
+
+        out = []
+        for r in rows.tolist():
+            options = self.instructions[r] if self.instructions else []
+            if not options:
+                digits = digits_from_dataset(self.datasets[r])
+                options = phrasings(digits) if digits else []
+            out.append(options[int(torch.randint(len(options), (1,), generator=generator))] if options else "")
+        return out
+
+    def class_names(self, rows: torch.Tensor) -> list[list[str]]:
+        """Per row, the name of each label's class (digit subsets: the digits), for class-name conditioning."""
+        from weightgen.instructions import digits_from_dataset
+
+        return [[str(c) for c in (digits_from_dataset(self.datasets[r]) or range(self.num_classes))]
+                for r in rows.tolist()]
+
     def task_inputs(self) -> list[torch.Tensor]:
         """Each zoo task's train-split inputs (N_t, *input_shape), in ``self.tasks`` order."""
         pool, counts = self._pool()
@@ -88,9 +111,10 @@ class ZooWeights:
     def batch(self, batch_size: int, per_class: int, generator: torch.Generator | None = None,
               with_support: bool = True) -> dict:
         rows = torch.randint(len(self.ids), (batch_size,), generator=generator)
-        out = {"tokens": self.tokens[rows], "rows": rows}
+        out = {"tokens": self.tokens[rows], "rows": rows, "arch": self.arch}
         if with_support:
             out["support"] = self.support(rows, per_class, generator)
+        out["texts"], out["names"] = self.texts(rows, generator), self.class_names(rows)
         return out
 
     def split(self, heldout_fraction: float, seed: int = 0) -> tuple["ZooWeights", "ZooWeights"]:
@@ -107,6 +131,38 @@ class ZooWeights:
         sub = ZooWeights(self.arch, self.num_classes, self.input_shape, self.mode, [self.ids[i] for i in idx],
                          [self.datasets[i] for i in idx], self.tasks, self.task_index[idx],
                          {k: v[idx] for k, v in self.weights.items()}, self.align_ref, self.standardizer, self.layout,
-                         self.tokens[idx], self.snapshot)
+                         self.tokens[idx], self.snapshot,
+                         instructions=[self.instructions[i] for i in idx] if self.instructions else None)
         sub._task_data = self._task_data
         return sub
+
+
+class ZooMixture:
+    """Zoo weights of several architectures (same classes and input shape) trained as one
+    generator: each step's batch comes from one architecture, drawn in proportion to its share of
+    checkpoints. Offers what the training loop reads from a ``ZooWeights``; ``parts`` are those."""
+
+    def __init__(self, parts: list[ZooWeights]):
+        if len({(p.num_classes, tuple(p.input_shape)) for p in parts}) != 1:
+            raise ValueError("a mixture's architectures must share the class count and input shape")
+        self.parts = parts
+        self.arch, self.num_classes, self.input_shape, self.mode = parts[0].arch, parts[0].num_classes, \
+            parts[0].input_shape, parts[0].mode
+        self.snapshot = parts[0].snapshot
+        self.ids = [i for p in parts for i in p.ids]
+        self.tasks = [t for p in parts for t in p.tasks]
+        offsets = torch.tensor([0] + [len(p.tasks) for p in parts]).cumsum(0)
+        self.task_index = torch.cat([p.task_index + offsets[i] for i, p in enumerate(parts)])
+
+    def batch(self, batch_size: int, per_class: int, generator: torch.Generator | None = None,
+              with_support: bool = True) -> dict:
+        sizes = torch.tensor([float(len(p.ids)) for p in self.parts])
+        part = self.parts[int(torch.multinomial(sizes, 1, generator=generator))]
+        return part.batch(batch_size, per_class, generator, with_support)
+
+    def split(self, heldout_fraction: float, seed: int = 0) -> tuple["ZooMixture", "ZooMixture"]:
+        pairs = [p.split(heldout_fraction, seed) for p in self.parts]
+        return ZooMixture([a for a, _ in pairs]), ZooMixture([b for _, b in pairs])
+
+    def task_inputs(self) -> list[torch.Tensor]:
+        return self.parts[0].task_inputs()

@@ -502,7 +502,7 @@ def report(res: dict, a) -> str:
     if res.get("recall"):
         out.append("")
     if res.get("skipped"):
-        out += [f"Skipped for the time budget (`--budget-min {a.budget_min:g}`): {', '.join(res['skipped'])}.", ""]
+        out += [f"Skipped (`--budget-min {a.budget_min:g}`, `--compact-max`): {', '.join(res['skipped'])}.", ""]
     for n, r in sorted(((int(k), v) for k, v in res["small"].items())):
         b, c = r["before"], r["after"]
         out += [f"{n:,} checkpoints written as {n // 10:,} commits of 10 (ingest {r['ingest_first']:,.0f} -> "

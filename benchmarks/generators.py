@@ -91,6 +91,42 @@ def targets(res: dict, generator: str) -> list[tuple[str, str, bool]]:
     return out
 
 
+def text_targets(res: dict, generator: str) -> list[tuple[str, str, bool]]:
+    """The instruction issue's targets for a generator that reads text (rows ``NAME/instruction``:
+    a held-out phrasing alone, no data), against the default data-only generator."""
+    s = _rows(res, "heldout")
+    if generator + "/instruction" not in s:
+        return []
+    info, scratch = res["generators"][generator], s["scratch"]["mean"]
+    ins = s[generator + "/instruction"]
+    out = [("instruction only (held-out phrasing, no data): mean ≥ 0.85 × scratch",
+            f"{ins['mean'] / scratch:.3f} × ({100 * ins['mean']:.1f} vs {100 * scratch:.1f} %; best by likelihood "
+            f"{100 * ins['best']:.1f} %; chance {100 / 5:.0f} %)", ins["mean"] >= 0.85 * scratch)]
+    from weightgen.sampling import default_generators
+
+    others = [g.name for g in default_generators() if g.name in res["generators"] and f"{g.name}/instruction" not in s]
+    if others:
+        o, g = s[others[0]], s[generator]
+        out.append((f"dataset + instruction: mean and best-of-n ≥ {others[0]}'s",
+                    f"{100 * g['mean']:.1f} / {100 * g['best']:.1f} vs {100 * o['mean']:.1f} / {100 * o['best']:.1f} % "
+                    f"(pure {100 * s[generator + '/generated']['mean']:.1f} / "
+                    f"{100 * s[generator + '/generated']['best']:.1f} vs {100 * s[others[0] + '/generated']['mean']:.1f} / "
+                    f"{100 * s[others[0] + '/generated']['best']:.1f} %)",
+                    g["mean"] >= o["mean"] and g["best"] >= o["best"]))
+    usage = ((info.get("stage_metrics") or {}).get("vq") or {}).get("codebook_usage")
+    if usage is None and info.get("dir"):
+        import json
+
+        summ = json.loads((Path(info["dir"]) / "training_summary.json").read_text())
+        usage = ((summ.get("stage_metrics") or {}).get("vq") or {}).get("codebook_usage")
+    if usage:
+        out.append(("codebook usage ≥ 80 % (every level)", ", ".join(f"{100 * u:.0f} %" for u in usage),
+                    min(usage) >= 0.8))
+    speed = res["speed"][generator]
+    out.append(("sampling ≥ 20 mlp-s models/s", f"{speed['models_per_s']:.0f}/s", speed["models_per_s"] >= 20))
+    return out
+
+
 def prediction_check(res: dict) -> dict:
     """``weightgen sample`` as a user runs it (default support cap, fitted head, n = 8) on every held-out
     task and variant: is the test accuracy inside the manifest's predicted interval? And what does a
@@ -152,7 +188,8 @@ def section(res: dict, command: str, pc: dict | None = None) -> str:
     for g in gens:
         lines += [f"### Targets: {g} (as `weightgen sample` runs it; the pure generator's number beside it)", "",
                   "| target | measured | holds |", "|---|---|---|"]
-        lines += [f"| {name} | {measured} | {'PASS' if ok else 'FAIL'} |" for name, measured, ok in targets(res, g)]
+        lines += [f"| {name} | {measured} | {'PASS' if ok else 'FAIL'} |"
+                  for name, measured, ok in targets(res, g) + text_targets(res, g)]
         lines.append("")
     if pc:
         lines += prediction_lines(pc)

@@ -84,9 +84,11 @@ def _check_request(raw: Any, upload: bool, args: ServeArgs) -> GenerateRequest |
         if req.dataset is not None or req.support is not None:
             return error(422, "with an .npz upload, the 'request' part must not also give 'dataset' or 'support'")
         return req
-    if (req.dataset is None) == (req.support is None):
-        return error(422, "give exactly one of 'dataset' (a registry name) or 'support' ({x, y}), "
-                          "or upload an .npz as multipart/form-data")
+    if req.dataset is not None and req.support is not None:
+        return error(422, "give one of 'dataset' (a registry name) or 'support' ({x, y}), not both")
+    if req.dataset is None and req.support is None and not req.instruction:
+        return error(422, "give 'dataset' (a registry name) or 'support' ({x, y}), upload an .npz as "
+                          "multipart/form-data, or give an 'instruction' alone for a generator that reads text")
     if req.support is not None:
         s = req.support
         if len(s.y) != len(s.x):
@@ -220,7 +222,8 @@ class Ingress:
         few seconds: a repeated request costs one call to the generator deployment, not two."""
         if payload.get("npz") is not None:
             return await self.gen.resolve.remote(payload)
-        data = payload["dataset"] if payload["dataset"] is not None else f"support:{len(payload['support']['x'][0])}"
+        data = (payload["dataset"] if payload["dataset"] is not None else None if payload["support"] is None
+                else f"support:{len(payload['support']['x'][0])}")
         key, now = (payload["arch"], data, payload.get("generator")), time.monotonic()
         hit = self._resolved.get(key)
         if hit and now - hit[0] < RESOLVE_TTL_S:

@@ -90,11 +90,14 @@ class GeneratorDeployment:
         from weightgen.data import DatasetError
         from weightgen.registry import UnknownNameError
         from weightgen.sampling import GeneratorMismatchError, NoGeneratorError
+        from weightgen.text import NoProjectionError
         from zoo.store import ZooError
 
         if isinstance(exc, RequestExpired):
             return _err(408, "the request's timeout passed while it was sampled; it was stopped")
         if isinstance(exc, GeneratorMismatchError):
+            return _err(422, self._scrub(str(exc)))
+        if isinstance(exc, NoProjectionError):  # another text encoder than the generator's, and no XBT map to it
             return _err(422, self._scrub(str(exc)))
         if isinstance(exc, (NoGeneratorError, UnknownNameError, ZooError)):
             return _err(404, self._scrub(str(exc)))
@@ -127,7 +130,7 @@ class GeneratorDeployment:
         from weightgen.archs import ARCHS
         from weightgen.data import dataset_shape, split_name
         from weightgen.generators import trained_generators
-        from weightgen.sampling import GeneratorMismatchError, NoGeneratorError, find_generator
+        from weightgen.sampling import GeneratorMismatchError, NoGeneratorError, find_generator, find_text_generator
 
         try:
             if req["arch"] not in ARCHS:
@@ -139,6 +142,8 @@ class GeneratorDeployment:
                 from weightgen.data.files import npz_feature_shape
 
                 shape = npz_feature_shape(io.BytesIO(req["npz"]))
+            elif not req.get("dataset") and not req.get("support"):  # an instruction alone
+                return {"generator": find_text_generator(req["arch"], req.get("generator")).name}
             elif req.get("dataset"):
                 kind, args = split_name(req["dataset"])
                 keys = {part.partition("=")[0].strip() for part in args.split(";")}
@@ -193,8 +198,10 @@ class GeneratorDeployment:
         elif req.get("support"):
             x, y = np.asarray(req["support"]["x"], dtype=np.float64), np.asarray(req["support"]["y"])
             task = task_from_arrays("inline", x, y, source="request")
-        else:
+        elif req.get("dataset"):
             task = load_dataset(req["dataset"])
+        else:
+            return None  # an instruction alone: no data to bound
         too_much = check_work(len(task.y_train) + len(task.y_test), task.num_classes, a.max_rows, a.max_classes,
                               a.max_rows_x_classes)
         return _err(*too_much) if too_much else task
@@ -213,7 +220,9 @@ class GeneratorDeployment:
         try:
             with deadline(req.get("deadline")):
                 r = sample(req["arch"], task, generator=loaded, n=req["n"], select=req["select"],
-                           seed=req["seed"], instruction=req.get("instruction"), novelty=req.get("novelty", True))
+                           seed=req["seed"], instruction=req.get("instruction"), novelty=req.get("novelty", True),
+                           head=req.get("head", "fit"), support_per_class=req.get("support_per_class", 256),
+                           text_encoder=req.get("text_encoder"))
         except RequestExpired:
             self.stopped += 1
             return _err(408, f"the request's timeout passed after {time.time() - t0:.1f} s of sampling; it was stopped")
@@ -227,11 +236,13 @@ class GeneratorDeployment:
             "X-Weightgen-Generator": m["generator"], "X-Weightgen-Arch": m["arch"],
             "X-Weightgen-Dataset": m["dataset"], "X-Weightgen-Num-Classes": str(m["num_classes"]),
             "X-Weightgen-Input-Shape": json.dumps(m["input_shape"]), "X-Weightgen-Seed": str(m["seed"]),
-            "X-Weightgen-Support-Accuracy": f"{m['support_accuracy']:.6f}",
+            "X-Weightgen-Support-Accuracy": "" if m["support_accuracy"] is None else f"{m['support_accuracy']:.6f}",
             "X-Weightgen-Predicted-Accuracy": "" if m["predicted_accuracy"] is None else f"{m['predicted_accuracy']:.6f}",
             "X-Weightgen-Novelty": "" if novelty is None else f"{novelty:.6f}",
             "X-Weightgen-Zoo-Snapshot": str(m.get("zoo_snapshot")), "X-Weightgen-Seconds": str(m["seconds"]),
             "X-Weightgen-Batch-Size": str(batch_size),
+            # what the generator was not trained for (class count, input distribution): flagged, not hidden
+            "X-Weightgen-Warnings": json.dumps([self._scrub(w) for w in m.get("warnings", [])]),
         }
         return {"body": body, "headers": headers}
 

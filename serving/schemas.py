@@ -10,9 +10,18 @@ import re
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    model_validator,
+)
 
 MAX_N = 32
+MAX_SUPPORT_PER_CLASS = 4096
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -67,7 +76,15 @@ class GenerateRequest(BaseModel):
     arch: Name
     dataset: Name | None = Field(None, min_length=1, max_length=2000, description="registry name, e.g. digits:classes=0,1,2,3,4")
     support: SupportSet | None = None
-    instruction: str | None = Field(None, max_length=2000)
+    instruction: str | None = Field(None, max_length=2000, description="what the weights should do; alone (no "
+                                    "dataset or support) it asks a generator that reads text for its classes")
+    text_encoder: Name | None = Field(None, max_length=200, description="encoder the instruction is embedded with "
+                                      "(another than the generator's goes through an XBT projection)")
+    head: str = Field("fit", pattern="^(fit|generated)$", description="fit: the closed-form head over the "
+                      "generated units (declared in the manifest); generated: the generator's own head")
+    support_per_class: int = Field(256, ge=1, le=MAX_SUPPORT_PER_CLASS,
+                                   description="labelled examples per class that condition, fit and select; "
+                                               "the rest estimate the returned model's accuracy")
     generator: Name | None = Field(None, max_length=200)
     n: int = Field(8, ge=1, le=MAX_N)
     seed: int = Field(0, ge=0, lt=2**63)

@@ -75,31 +75,35 @@ def make_mlp_files(directory, n: int, num_classes: int = 5, start_seed: int = 0,
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_home(tmp_path_factory):
-    """A $WEIGHTGEN_HOME with a tiny zoo (mlp-s on digits tasks) and tiny trained generators
-    (D2NWG, the hypernetwork and IGPG), built once per session in ~half a minute."""
+def _build_home(tmp_path_factory, name: str, population: dict, trainings: list[dict]):
+    """A fresh $WEIGHTGEN_HOME: a population zoo, then each generator trained into it."""
     from training.config import TrainConfig
     from training.train import train
     from zoo.population import PopulationConfig, build_population
 
-    home = tmp_path_factory.mktemp("tiny_home")
+    home = tmp_path_factory.mktemp(name)
     mp = pytest.MonkeyPatch()
     mp.setenv("WEIGHTGEN_HOME", str(home))
     try:
-        build_population(PopulationConfig(tasks=8, seeds=2, steps=60), str(home / "zoo"), show_progress=False)
-        base = dict(arch="mlp-s", num_classes=5, input_shape=[64], dataset_prefix="digits:", min_test_acc=0.0,
-                    batch_size=8, support_per_class=5, checkpoint_every=1000, log_every=5, warmup_steps=2,
-                    heldout_task_fraction=0.25)
-        train(TrainConfig(name="d2nwg-tiny", generator="d2nwg-tiny", stages={"vae": 15, "diffusion": 15}, **base),
-              show_progress=False)
-        train(TrainConfig(name="hypernet-tiny", generator="hypernet-tiny", stages={"regression": 15}, **base),
-              show_progress=False)
-        train(TrainConfig(name="igpg-tiny", generator="igpg-tiny", stages={"vq": 15, "prior": 15}, **base),
-              show_progress=False)
+        build_population(PopulationConfig(**population), str(home / "zoo"), show_progress=False)
+        for cfg in trainings:
+            train(TrainConfig(**cfg), show_progress=False)
     finally:
         mp.undo()
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory):
+    """A $WEIGHTGEN_HOME with a tiny zoo (mlp-s on digits tasks) and tiny trained generators
+    (D2NWG, the hypernetwork and IGPG), built once per session in ~half a minute."""
+    base = dict(arch="mlp-s", num_classes=5, input_shape=[64], dataset_prefix="digits:", min_test_acc=0.0,
+                batch_size=8, support_per_class=5, checkpoint_every=1000, log_every=5, warmup_steps=2,
+                heldout_task_fraction=0.25)
+    return _build_home(tmp_path_factory, "tiny_home", dict(tasks=8, seeds=2, steps=60), [
+        dict(name="d2nwg-tiny", generator="d2nwg-tiny", stages={"vae": 15, "diffusion": 15}, **base),
+        dict(name="hypernet-tiny", generator="hypernet-tiny", stages={"regression": 15}, **base),
+        dict(name="igpg-tiny", generator="igpg-tiny", stages={"vq": 15, "prior": 15}, **base)])
 
 
 @pytest.fixture
@@ -113,22 +117,11 @@ def trained_home(tmp_path_factory):
     """A $WEIGHTGEN_HOME whose D2NWG (tiny preset, named "d2nwg-trained") is trained enough to beat
     random init and the zoo mean clearly on held-out tasks (measured ~0.73 vs ~0.25 test accuracy),
     so a test fails if generation stops working; ~5 s on 2 cores, once per session."""
-    from training.config import TrainConfig
-    from training.train import train
-    from zoo.population import PopulationConfig, build_population
-
-    home = tmp_path_factory.mktemp("trained_home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WEIGHTGEN_HOME", str(home))
-    try:
-        build_population(PopulationConfig(tasks=24, seeds=2, steps=100), str(home / "zoo"), show_progress=False)
-        train(TrainConfig(name="d2nwg-trained", generator="d2nwg-tiny", stages={"vae": 150, "diffusion": 150},
-                          arch="mlp-s", num_classes=5, input_shape=[64], dataset_prefix="digits:", min_test_acc=0.0,
-                          batch_size=16, support_per_class=5, lr=3e-3, checkpoint_every=10**6, log_every=50,
-                          warmup_steps=5, heldout_task_fraction=0.0), show_progress=False)
-    finally:
-        mp.undo()
-    return home
+    return _build_home(tmp_path_factory, "trained_home", dict(tasks=24, seeds=2, steps=100), [
+        dict(name="d2nwg-trained", generator="d2nwg-tiny", stages={"vae": 150, "diffusion": 150}, arch="mlp-s",
+             num_classes=5, input_shape=[64], dataset_prefix="digits:", min_test_acc=0.0, batch_size=16,
+             support_per_class=5, lr=3e-3, checkpoint_every=10**6, log_every=50, warmup_steps=5,
+             heldout_task_fraction=0.0)])
 
 
 @pytest.fixture

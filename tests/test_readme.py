@@ -84,3 +84,10 @@ def test_the_main_job_runs_on_a_tiny_preset(tmp_path, monkeypatch, capsys):
     assert "wrote " in out and "held-out examples" in out and "Held-out tasks" in out
     assert not any(p.name != "home" for p in tmp_path.iterdir()), "nothing is written to the current directory"
     assert list((tmp_path / "home" / "samples").glob("*/model.safetensors"))
+
+
+def test_quickstart_with_an_unknown_extra_is_a_clear_error():
+    from weightgen.quickstart import quickstart
+
+    with pytest.raises(ValueError, match="choose from igpg"):
+        quickstart(extra=("gan",))

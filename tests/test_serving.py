@@ -11,6 +11,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import numpy as np
@@ -228,9 +229,59 @@ def test_no_generator_for_an_arch_says_what_exists(client):
 
 
 def test_other_class_count(client):
-    """The tiny generators were trained on 5-class tasks; a 10-class request still gets loadable weights."""
+    """The tiny generators were trained on 5-class tasks; a 10-class request still gets loadable
+    weights, and is flagged (manifest and header) as a request the generator was not trained for."""
     r = client.post("/v1/generate", json={**OK, "dataset": "digits"})
-    check_weights(r, num_classes=10)
+    warnings = check_weights(r, num_classes=10)["manifest"]["warnings"]
+    assert any("10 classes requested" in w for w in warnings)
+    assert json.loads(unquote(r.headers["x-weightgen-warnings"])) == warnings
+
+
+def test_request_options_reach_the_sampler(client):
+    """head, support_per_class: the same options as the CLI, with the same manifest."""
+    base = {**OK, "generator": "d2nwg-tiny", "seed": 3}
+    fit = client.post("/v1/generate", json={**base, "head": "fit", "support_per_class": 3})
+    m = check_weights(fit, task=registry_task())["manifest"]
+    assert m["head"] == "fit" and m["closed_form"] and m["support_per_class"] == 3 and m["support_size"] == 15
+    gen = client.post("/v1/generate", json={**base, "head": "generated", "support_per_class": 3})
+    g = check_weights(gen, task=registry_task())["manifest"]
+    assert g["head"] == "generated" and g["closed_form"] == {} and gen.content != fit.content
+    for bad in [{"head": "ridge"}, {"support_per_class": 0}, {"support_per_class": 10**6}]:
+        r = client.post("/v1/generate", json={**base, **bad})
+        assert r.status_code == 422 and r.json()["error"], (bad, r.text)
+
+
+def test_instruction_alone(client, serve_home):
+    """No data: a generator that reads text makes weights for the classes the instruction names;
+    no accuracy is claimed, and the manifest and headers say so. Another text encoder goes through
+    an XBT projection once one is fitted (before: a 422 saying how to fit one)."""
+    from safetensors.torch import load
+
+    req = {"arch": "mlp-s", "instruction": "classify handwritten 2, 7 and 9", "n": 2, "novelty": False}
+    r = client.post("/v1/generate", json=req)
+    assert r.status_code == 200, r.text
+    m = json.loads(metadata(r.content)["weightgen"])["manifest"]
+    assert r.headers["x-weightgen-generator"] == "igpg-tiny" and m["num_classes"] == 3
+    assert r.headers["x-weightgen-predicted-accuracy"] == "" and r.headers["x-weightgen-support-accuracy"] == ""
+    assert any("no data was given" in w for w in json.loads(unquote(r.headers["x-weightgen-warnings"])))
+    from weightgen import build_model
+
+    build_model("mlp-s", 3, (64,)).load_state_dict(load(r.content), strict=True)
+    for bad, status, says in [({"instruction": "make it good"}, 422, "class"),
+                              ({"generator": "d2nwg-tiny"}, 404, "instructions"),
+                              ({"text_encoder": "paraphrase-minilm-l3"}, 422, "projection"),
+                              ({"text_encoder": "no-such-encoder"}, 404, "no-such-encoder")]:
+        e = client.post("/v1/generate", json={**req, **bad})
+        assert e.status_code == status and says in json.dumps(e.json()), (bad, e.status_code, e.text)
+    from weightgen.xbt import fit
+
+    fit("minilm-l6", "paraphrase-minilm-l3", serve_home / "xbt" / "paraphrase-minilm-l3__to__minilm-l6", steps=30,
+        tasks=10, max_sentences=20, show_progress=False)  # where the replicas look: their home's xbt/
+    p = client.post("/v1/generate", json={**req, "text_encoder": "paraphrase-minilm-l3"})
+    assert p.status_code == 200, p.text
+    text = json.loads(metadata(p.content)["weightgen"])["manifest"]["conditions"]["text"]
+    assert text["text_encoder"]["name"] == "paraphrase-minilm-l3"
+    assert text["projection"]["from"] == "paraphrase-minilm-l3" and text["projection"]["to"] == "minilm-l6"
 
 
 def test_catalogue(client):

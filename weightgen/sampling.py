@@ -277,7 +277,7 @@ def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGen
                        "input_shape": trained["input_shape"], "tasks": loaded.training_tasks,
                        "input_shift": shift},
         "warnings": warnings,
-        "support_per_class": support_per_class, "support_size": int(len(sy)),
+        "support_per_class": support_per_class, "support_size": len(sy),
         "support_class_counts": torch.bincount(sy, minlength=k).tolist(),
         "condition_per_class": cands.condition_per_class,
         "head": head, "head_used": cands.head_used,
@@ -300,6 +300,19 @@ def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGen
     return SampleResult(sd, cfg, manifest, [float(s) for s in cands.score])
 
 
+def find_text_generator(arch: str, generator: str | None = None):
+    """The trained generator that makes ``arch`` from an instruction alone (by name or path, or the
+    preferred one); NoGeneratorError naming what to do when there is none."""
+    named = [read_trained(generator)] if generator and (Path(generator) / "config.json").is_file() else None
+    texts = [g for g in (named or trained_generators()) if arch in [a for a, _ in g.makes] and g.reads_text
+             and (named or generator in (None, g.name))]
+    if not texts:
+        raise NoGeneratorError(f"No trained generator that reads instructions makes {arch}"
+                               + (f" under the name {generator!r}" if generator else "")
+                               + "; train one (`weightgen quickstart --with igpg`) or give a dataset")
+    return _preferred(texts)
+
+
 def sample_from_instruction(arch: str, instruction: str | None, generator: str | LoadedGenerator | None = None,
                             n: int = 8, select: str = "best", seed: int = 0, novelty: bool = True,
                             text_encoder: str | None = None) -> SampleResult:
@@ -317,17 +330,8 @@ def sample_from_instruction(arch: str, instruction: str | None, generator: str |
         classes = classes_from_instruction(instruction)
     except ValueError as e:
         raise RequestError(str(e)) from None
-    if isinstance(generator, LoadedGenerator):
-        loaded = generator
-    else:
-        named = [read_trained(generator)] if generator and (Path(generator) / "config.json").is_file() else None
-        texts = [g for g in (named or trained_generators()) if arch in [a for a, _ in g.makes] and g.reads_text
-                 and (named or generator in (None, g.name))]
-        if not texts:
-            raise NoGeneratorError(f"No trained generator that reads instructions makes {arch}"
-                                   + (f" under the name {generator!r}" if generator else "")
-                                   + "; train one (training/configs/igpg_digits.yaml) or give --dataset")
-        loaded = load_generator(str(_preferred(texts).path))
+    loaded = generator if isinstance(generator, LoadedGenerator) else load_generator(
+        str(find_text_generator(arch, generator).path))
     gen, info = loaded.model, loaded.info
     if not gen.capabilities.text:
         raise GeneratorMismatchError(f"Generator {info['name']!r} does not read instructions; give --dataset")
@@ -395,6 +399,14 @@ def load_model(path: str | Path, device=None) -> torch.nn.Module:
     return model.eval()
 
 
-__all__ = ["sample", "write", "load_model", "find_generator", "load_generator", "open_generator",
-           "LoadedGenerator", "NoGeneratorError",
-           "GeneratorMismatchError"]
+__all__ = [
+    "GeneratorMismatchError",
+    "LoadedGenerator",
+    "NoGeneratorError",
+    "find_generator",
+    "load_generator",
+    "load_model",
+    "open_generator",
+    "sample",
+    "write",
+]

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from weightgen.generators.diffusers_api import ConfigMixin, ModelMixin, register_to_config
 from weightgen.instructions import EVAL_TEMPLATES, TRAIN_TEMPLATES, phrase
 from weightgen.paths import home
-from weightgen.text import NoProjectionError, text_encoder
+from weightgen.text import TEXT_ENCODERS, NoProjectionError, text_encoder
 
 
 class Projection(ModelMixin, ConfigMixin):
@@ -140,6 +140,7 @@ def encode_for(texts: list[str], target: str, via: str | None = None) -> tuple[t
     if via is None or via == target:
         enc = text_encoder(target)
         return enc.encode(texts), {"text_encoder": enc.describe(), "projection": None}
+    TEXT_ENCODERS.get(via)  # an unknown name says which encoders exist, before "no projection"
     proj = load_projection(via, target)
     enc = text_encoder(via)
     return proj(enc.encode(texts)), {"text_encoder": enc.describe(),

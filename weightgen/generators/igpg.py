@@ -153,9 +153,19 @@ class IGPG(WeightGenerator):
         made = [(a, tuple(s)) for a, s in self.config.archs]
         if (arch, tuple(input_shape)) not in made:
             return f"makes {', '.join(f'{a} for {s}' for a, s in made)}, not {arch} for {tuple(input_shape)}"
-        if num_classes is not None and num_classes > self.config.max_classes:
-            return f"makes at most {self.config.max_classes} classes, not {num_classes}"
-        return None if mode == self.config.mode else f"makes {self.config.mode}-mode weights, not {mode}"
+        if mode != self.config.mode:
+            return f"makes {self.config.mode}-mode weights, not {mode}"
+        if num_classes is not None:
+            # the prior's positions cover the code sequences it was built for: more classes mean more
+            # classifier tokens than it has positions (an IndexError deep in GPT-2 otherwise)
+            fits = [k for k in range(2, self.config.max_classes + 1) if self._codes(k, arch) <= self.config.max_codes]
+            if num_classes not in fits:
+                return (f"makes {min(fits)}..{max(fits)} classes of {arch}, not {num_classes} (its prior has positions "
+                        f"for {self.config.max_codes} codes; {num_classes} classes need {self._codes(num_classes, arch)})")
+        return None
+
+    def _codes(self, num_classes: int, arch: str) -> int:
+        return self.layout(num_classes, arch).num_tokens * self.levels
 
     def _arch_index(self, arch: str | None) -> int:
         names = [a for a, _ in self.config.archs]
@@ -259,10 +269,11 @@ class IGPG(WeightGenerator):
         """n weight sets and each one's mean log-likelihood per code under the prior."""
         c = self.config
         k = cond.num_classes
-        if not 2 <= k <= c.max_classes:
-            raise ValueError(f"igpg makes 2..{c.max_classes} classes, got {k}")
         arch_idx = self._arch_index(cond.arch)
         arch = c.archs[arch_idx][0]
+        why = self.unfit_reason(arch, c.archs[arch_idx][1], k, c.mode)
+        if why:
+            raise ValueError(f"igpg {why}")
         layout = self.layout(k, arch)
         support = None if cond.support is None else cond.support[None].float().to(self.type_emb.device)
         names = [list(cond.class_names)] if cond.class_names else None

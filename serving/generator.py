@@ -264,12 +264,14 @@ class GeneratorDeployment:
         from zoo.store import open_zoo
 
         try:
-            recs = open_zoo(mode="r").query(arch=arch, dataset=dataset)
+            z = open_zoo(mode="r")
+            recs = z.query(arch=arch, dataset=dataset, limit=limit)  # the page's records only (the index filters)
+            total = z.count(arch=arch, dataset=dataset) if len(recs) == limit else len(recs)
         except Exception as e:  # noqa: BLE001
             return self._classify(e)
         if not self.args.show_server_paths:  # where a checkpoint was ingested from is the server's business
             recs = [{k: v for k, v in r.items() if k != "source"} for r in recs]
-        return {"total": len(recs), "records": recs[:limit]}
+        return {"total": total, "records": recs}
 
     def zoo_checkpoint(self, ckpt_id: str) -> dict:
         import hashlib

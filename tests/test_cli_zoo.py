@@ -127,3 +127,26 @@ def test_ls_into_a_closed_pipe_is_quiet(zoo_url):
     proc.stdout.close()  # the reader is gone before the first line is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_ls_pages_and_compact(zoo_url, capsys):
+    url, cks = zoo_url
+    rc, out, _ = _run(["zoo", "ls", "--zoo", url, "--jsonl"], capsys)
+    every = [json.loads(line)["id"] for line in out.splitlines()]
+    pages = []
+    for off in (0, 4):
+        rc, out, _ = _run(["zoo", "ls", "--zoo", url, "--jsonl", "--limit", "4", "--offset", str(off)], capsys)
+        pages += [json.loads(line)["id"] for line in out.splitlines()]
+    assert pages == every and len(every) == 6
+    rc, out, err = _run(["zoo", "ls", "--zoo", url, "--limit", "3", "--offset", "2"], capsys)
+    assert out.splitlines()[-1] == "(3 checkpoints, 3-5 of 6)" and err == "1 more: --offset 5\n"
+    rc, out, err = _run(["zoo", "compact", "--zoo", url], capsys)
+    report = json.loads(out)
+    assert rc == 0, err
+    assert report["merged_commits"] == 2 and report["index"]["parts"] == 1
+    assert report["novelty_index"]["mlp-s__k5__64"]["rows"] == 6
+    rc, out, _ = _run(["zoo", "stats", "--zoo", url], capsys)
+    s = json.loads(out)
+    assert s["checkpoints"] == 6 and s["commits"] == 1 and s["index"]["tail_commits"] == 0
+    rc, out, _ = _run(["zoo", "ls", "--zoo", url, "--jsonl"], capsys)
+    assert sorted(json.loads(line)["id"] for line in out.splitlines()) == sorted(every)

@@ -137,3 +137,21 @@ def test_cli_zoo_build(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["models"] == 4 and summary["ingested"] == 12 and len(Zoo(str(tmp_path / "z"))) == 12
+
+
+@pytest.mark.ray
+def test_build_with_ray_workers_one_commit_per_shard(tmp_path, ray_session):
+    """`zoo build --workers N`: each Ray task trains one vectorized shard of the tasks and commits it."""
+    cfg = PopulationConfig(tasks=4, seeds=2, steps=20, checkpoint_fractions=(1.0,))
+    url = str(tmp_path / "z")
+    s = build_population(cfg, url, show_progress=False, workers=2)
+    assert s["workers"] == 2 and s["models"] == s["ingested"] == s["checkpoints"] == 8 and s["mean_final_test_acc"] > 0.4
+    z = Zoo(url, mode="r")
+    recs = z.query()
+    assert z.stats()["commits"] == 2 and len(recs) == 8
+    from weightgen.data.digits import get_family
+
+    assert sorted({r["dataset"] for r in recs}) == sorted(get_family(cfg.family).train_tasks(4))
+    assert sorted({r["run_id"].rsplit("-s", 1)[0] for r in recs}) == [f"{cfg.family}-{t}" for t in range(4)]
+    again = build_population(cfg, url, show_progress=False, workers=2)  # deterministic per (config, workers)
+    assert again["duplicate"] == 8 and again["ingested"] == 0

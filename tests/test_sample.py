@@ -121,7 +121,7 @@ def test_user_npz_dataset_never_seen(use_tiny_home, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["dataset"] == f"npz:{path}"
 
 
-def test_clear_errors(use_tiny_home, tmp_path, capsys):
+def test_clear_errors(use_tiny_home, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):  # argparse lists the choices
         main(["sample", "--arch", "vit-xl", "--dataset", "digits", "--out", str(tmp_path / "x")])
     rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "nope", "--out", str(tmp_path / "x")], capsys)
@@ -134,8 +134,12 @@ def test_clear_errors(use_tiny_home, tmp_path, capsys):
     assert rc == 2 and "needs image input" in err
     rc, _, err = _run(["sample", "--arch", "mlp-s", "--dataset", "mnist", "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "No trained generator for mlp-s with input shape (1, 28, 28)" in err and "weightgen train" in err
+    import weightgen.sampling as sampling
+
+    # a named generator for another arch is refused from its config, before it is loaded
+    monkeypatch.setattr(sampling, "load_generator", lambda *a, **k: pytest.fail("loaded a generator for another arch"))
     rc, _, err = _run(["sample", "--arch", "mlp-m", "--dataset", "digits", "--generator", "d2nwg-tiny",
-                       "--out", str(tmp_path / "x")], capsys)  # a named generator for another arch
+                       "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "'d2nwg-tiny' makes mlp-s" in err and "not mlp-m" in err
     assert not (tmp_path / "x").exists(), "nothing written on error"
 

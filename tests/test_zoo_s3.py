@@ -74,3 +74,30 @@ def test_two_writers_on_one_s3_zoo_at_once_then_gc(tmp_path, s3_endpoint, monkey
     stacked = z.stack(list(expected))
     for i, sd in enumerate(expected.values()):
         assert all(torch.equal(stacked[k][i], sd[k]) for k in sd)
+
+
+def test_index_and_compaction_on_s3(tmp_path, s3_endpoint, monkeypatch):
+    """The metadata index (Parquet parts read with ranged requests) and `zoo compact` on an object store."""
+    import zoo.compact as zc
+
+    opts = {"key": "test", "secret": "test", "endpoint_url": s3_endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+    url = "s3://zoo-bucket/zoos/indexed"
+    monkeypatch.setattr(zc, "FOLD_AT", 3)
+    files = make_mlp_files(tmp_path / "in", 12)
+    z = Zoo(url, storage_options=opts)
+    sds = {checkpoint_id(sd): sd for _, sd in files}
+    from zoo import Checkpoint
+
+    for i in range(0, 12, 2):
+        z.add([Checkpoint(sd, "mlp-s", 5, (64,), dataset="digits:classes=0,1,2,3,4", seed=j, tags=[f"t{j % 2}"])
+               for j, (_, sd) in enumerate(files[i:i + 2], start=i)])
+    r = Zoo(url, mode="r", storage_options=opts)
+    assert r.stats()["index"]["parts"] >= 1 and set(r.ids()) == set(sds)
+    assert len(r.query(tag="t1")) == 6 and r.count(tag="t0", arch="mlp-s") == 6
+    report = zc.compact(Zoo(url, storage_options=opts), small_rows=100)
+    assert report["merged_commits"] == 6 and report["index"]["parts"] == 1
+    Zoo(url, storage_options=opts).gc(min_age_s=0)
+    r = Zoo(url, mode="r", storage_options=opts)
+    assert r.stats()["commits"] == 1 and set(r.ids()) == set(sds) and r.get(files[3][0] and checkpoint_id(files[3][1]))["seed"] == 3
+    st = r.stack(sorted(sds))
+    assert all(torch.equal(st[k][i], sds[c][k]) for i, c in enumerate(sorted(sds)) for k in st)

@@ -303,6 +303,7 @@ def test_nan_metric_from_an_older_zoo_matches_no_filter_and_reads_as_null(tmp_pa
     z.add([bad, _ckpt(1, metrics={"test_acc": 0.9})])
     monkeypatch.undo()
     assert len(z.query(metrics=[("test_acc", 0.97, None)])) == 0
+    assert [r["seed"] for r in z.query(metrics=[("test_acc", None, None)])] == [1]  # "has a value": NaN has none
     assert [r["id"] for r in z.query(metrics=[("test_acc", None, 0.95)])] != [bad.id]
     assert z.get(bad.id)["metrics"] == {"test_acc": None}
     json.dumps(z.query(), allow_nan=False)

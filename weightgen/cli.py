@@ -72,8 +72,9 @@ def cmd_zoo_ingest(a) -> int:
 def cmd_zoo_ls(a) -> int:
     from zoo import open_zoo
 
-    recs = open_zoo(a.zoo, mode="r").query(arch=a.arch, dataset=a.dataset, tag=a.tag, metrics=a.metric or [])
-    recs = recs[: a.limit] if a.limit else recs
+    z = open_zoo(a.zoo, mode="r")
+    filters = dict(arch=a.arch, dataset=a.dataset, tag=a.tag, metrics=a.metric or [], instruction=a.instruction)
+    recs = z.query(**filters, limit=a.limit or None, offset=a.offset)  # only this page's records are read
     if a.jsonl:  # one checkpoint per line: `| head` and `jq` work on any zoo size
         for r in recs:
             print(_dumps(r))
@@ -85,7 +86,10 @@ def cmd_zoo_ls(a) -> int:
     for r in recs:
         m = " ".join(f"{k}={v:.4g}" if v is not None else f"{k}=null" for k, v in sorted(r["metrics"].items()))
         print(f"{r['id'][:12]:14} {r['arch']:10} {r['dataset'][:28]:28} {str(r['step']):>5} {str(r['seed']):>5}  {m}")
-    print(f"({len(recs)} checkpoints)")
+    total = len(recs) if not (a.limit or a.offset) else z.count(**filters)
+    print(f"({len(recs)} checkpoints)" if not a.offset else f"({len(recs)} checkpoints, {a.offset + 1}-{a.offset + len(recs)} of {total})")
+    if a.offset + len(recs) < total:
+        print(f"{total - a.offset - len(recs)} more: --offset {a.offset + len(recs)}", file=sys.stderr)
     return 0
 
 
@@ -136,13 +140,28 @@ def cmd_zoo_gc(a) -> int:
     return 0
 
 
+def cmd_zoo_compact(a) -> int:
+    from zoo import open_zoo
+    from zoo.compact import compact
+
+    z = open_zoo(a.zoo)
+    report = compact(z, small_rows=a.small_rows)
+    if not a.no_novelty_index:
+        from weightgen.nn_index import update_all
+
+        report["novelty_index"] = update_all(z)
+    report["new_segments"] = len(report["new_segments"])
+    print(_dumps(report, indent=1))
+    return 0
+
+
 def cmd_zoo_build(a) -> int:
     from weightgen.paths import default_zoo
     from zoo.population import PopulationConfig, build_population
 
     cfg = PopulationConfig(arch=a.arch, family=a.family, tasks=a.tasks, seeds=a.seeds, steps=a.steps,
                            k=a.k, task_seed=a.task_seed, device=a.device)
-    summary = build_population(cfg, a.zoo or default_zoo(), show_progress=not a.no_progress)
+    summary = build_population(cfg, a.zoo or default_zoo(), show_progress=not a.no_progress, workers=a.workers)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -261,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", help="exact name, or a prefix ending in '*'")
     s.add_argument("--tag")
     s.add_argument("--metric", action="append", type=_metric_filter, help="e.g. test_acc>=0.9 (repeatable)")
+    s.add_argument("--instruction", help="entries with an instruction containing this text (case-insensitive)")
     s.add_argument("--limit", type=_int_in(0, None, "--limit"), default=0, help="at most this many (0: all)")
+    s.add_argument("--offset", type=_int_in(0, None, "--offset"), default=0, help="skip this many first (paging)")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON array")
     out.add_argument("--jsonl", action="store_true", help="one JSON object per line")
@@ -295,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "without leases, and readers that listed the zoo before a `zoo rm`")
     s.set_defaults(fn=cmd_zoo_gc)
 
+    s = zp.add_parser("compact", help="merge small commits' segments, fold every commit into the metadata index, "
+                      "update the novelty index; safe beside writers, readers and kill -9")
+    _zoo_arg(s)
+    s.add_argument("--small-rows", type=_int_in(1, None, "--small-rows"), default=1024,
+                   help="merge commits of fewer rows than this (default 1024)")
+    s.add_argument("--no-novelty-index", action="store_true", help="leave the novelty index as it is")
+    s.set_defaults(fn=cmd_zoo_compact)
+
     s = zp.add_parser("build", help="train a population of models at once (vectorized) and ingest it")
     _zoo_arg(s)
     s.add_argument("--arch", default="mlp-s")
@@ -305,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=5, help="classes per task")
     s.add_argument("--task-seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--workers", type=_int_in(1, None, "--workers"), default=1,
+                   help="N > 1: one vectorized shard of the tasks per Ray task (or a Ray cluster via RAY_ADDRESS), "
+                        "each committing its own checkpoints")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_zoo_build)
 

@@ -35,11 +35,9 @@ def _zoo_reference(zoo_url: str, arch: str, k: int, shape: tuple, keys: tuple):
     from zoo import open_zoo
 
     z = open_zoo(zoo_url, mode="r")
-    recs = sorted((r for r in z.query(arch=arch) if r["num_classes"] == k and tuple(r["input_shape"]) == shape),
-                  key=lambda r: r["id"])[:MAX_ZOO]
-    if not recs:
+    ids = sorted(z.ids(arch=arch, num_classes=k, input_shape=shape))[:MAX_ZOO]  # ids only: no record is read
+    if not ids:
         return None
-    ids = [r["id"] for r in recs]
     return ids, z.stack(ids, list(keys))
 
 
@@ -110,6 +108,9 @@ def _prepared_zoo(gen, info: dict, arch: str, k: int, shape, ref_dir=None) -> di
     stored = _stored_reference(ref_dir, arch, k, shape)
     if stored is not None:
         ids, zoo_al = stored
+    elif key[0] and (indexed := _indexed_zoo(key[0], arch, k, shape)) is not None:
+        per_gen[key] = indexed  # the zoo's novelty index: a request reads it and ~32 candidates, not the zoo
+        return indexed
     else:
         got = _zoo_reference(key[0], arch, k, tuple(shape), tuple(keys)) if key[0] else None
         if got is None:  # remembered briefly: checkpoints with k classes may be added to the zoo later
@@ -122,6 +123,33 @@ def _prepared_zoo(gen, info: dict, arch: str, k: int, shape, ref_dir=None) -> di
     per_gen[key] = {"ids": ids, "zoo_sd": zoo_al, "zx": zx, "zx_sq": zx.pow(2).sum(1), "base": zoo_nn_distance(zx),
                     "keys": keys, "ref": ref, "std": std}
     return per_gen[key]
+
+
+def _indexed_zoo(zoo_url: str, arch: str, k: int, shape) -> dict | None:
+    from weightgen.nn_index import open_index
+    from zoo import open_zoo
+    from zoo.records import collection_id
+
+    z = open_zoo(zoo_url, mode="r")
+    cid = collection_id(arch, k, shape)
+    return {"index": z, "cid": cid, "zx": "index", "at": time.monotonic()} if open_index(z, cid) else None
+
+
+def _novelty_from_index(z: dict, arch: str, k: int, shape, sd: dict, task) -> dict:
+    from weightgen.nn_index import nearest
+
+    try:
+        nn = nearest(z["index"], z["cid"], {n: v[:1] for n, v in sd.items()})
+    except Exception as e:  # a zoo that moved or is unreachable must not fail the sample
+        return {"error": f"zoo novelty index unavailable: {e}"}
+    if nn is None:
+        return {"error": f"no {arch} checkpoints with {k} classes in the zoo's novelty index"}
+    out = {"distance_to_nearest": nn["distance"], "zoo_nn_distance": nn["base"],
+           "ratio": nn["distance"] / max(nn["base"], 1e-12), "nearest_zoo_id": nn["id"],
+           "basis": f"zoo novelty index ({nn['rows']} checkpoints; `weightgen zoo compact` updates it)"}
+    if task is not None and len(task.y_test):
+        out["nearest_zoo_accuracy"] = float(accuracy_many(arch, k, shape, nn["weights"], task.x_test, task.y_test).mean())
+    return out
 
 
 def _zoo_url(info: dict) -> str | None:
@@ -140,6 +168,8 @@ def novelty_vs_zoo(gen, info: dict, arch: str, k: int, shape, sd: dict[str, torc
         return {"error": f"zoo unavailable for novelty: {e}"}
     if z is None:
         return {"error": f"no {arch} checkpoints with {k} classes in the zoo to compare with"}
+    if "index" in z:
+        return _novelty_from_index(z, arch, k, shape, sd, task)
     s_al, _ = align({n: sd[n].float() for n in z["keys"]}, arch, ref=z["ref"] or None)
     sx = flat(s_al, z["keys"], z["std"])
     # |s - z|^2 = |s|^2 + |z|^2 - 2 s.z with the zoo's norms computed once: 4x faster than cdist here

@@ -38,7 +38,7 @@ def quickstart(fast: bool = False, show_progress: bool = True, extra: tuple[str,
     pop = {**POPULATION, **(FAST["population"] if fast else {})}
     zoo_url = default_zoo()
     cfg = PopulationConfig(**pop)
-    have = len(open_zoo(zoo_url).query(arch=cfg.arch, tag="population", dataset=f"{cfg.family.split('-')[0]}:*"))
+    have = open_zoo(zoo_url).count(arch=cfg.arch, tag="population", dataset=f"{cfg.family.split('-')[0]}:*")
     report: dict = {"zoo": zoo_url}
     if have >= cfg.tasks * cfg.seeds:
         print(f"[quickstart] zoo: {have} population checkpoints already in {zoo_url}; skipping the build")

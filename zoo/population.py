@@ -58,6 +58,15 @@ class PopulationConfig:
     checkpoint_fractions: tuple[float, ...] = (0.1, 0.5, 1.0)  # of steps; 0.0 checkpoints the init
     shared_init: bool = True
     hp_seed: int = 0  # hyperparameters draw from Generator(hp_seed), minibatches from Generator(hp_seed + 1)
+    shard: int = 0  # this builder trains tasks shard, shard + shards, ... (``build_population(workers=N)``)
+    shards: int = 1
+
+    def seed_for(self, base: int) -> int:
+        """Generator seed of this shard: one shard keeps the unsharded bytes; shards draw apart."""
+        return base if self.shards == 1 else base * 1_000_003 + self.shard
+
+    def task_ids(self) -> list[int]:
+        return list(range(self.tasks))[self.shard::self.shards]
 
     def checkpoint_steps(self) -> list[int]:
         if any(not 0.0 <= f <= 1.0 for f in self.checkpoint_fractions):
@@ -66,7 +75,9 @@ class PopulationConfig:
 
     def digest(self) -> str:
         """Short hash of everything that decides the trained bytes (not the device)."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "shard")}
+        if self.shards == 1:
+            d.pop("shards")  # the digest of an unsharded population is what it was before sharding
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -92,7 +103,8 @@ def _load_tasks(cfg: PopulationConfig) -> _Tasks:
     fam = get_family(cfg.family)
     if fam.k != cfg.k:
         fam = dataclasses.replace(fam, k=cfg.k)
-    names = fam.train_tasks(cfg.tasks, seed=cfg.task_seed)
+    every = fam.train_tasks(cfg.tasks, seed=cfg.task_seed)
+    names = [every[t] for t in cfg.task_ids()]
     base = load_dataset(fam.base)
     lut = torch.full((len(names), base.num_classes), -1, dtype=torch.long)
     for t, name in enumerate(names):  # subset tasks are ``BASE:classes=a,b,...`` (label i = i-th class)
@@ -126,7 +138,7 @@ class _Bound:
 def _init_population(cfg: PopulationConfig, input_shape, device) -> tuple[torch.nn.Module, dict[str, torch.Tensor], list[int]]:
     """(meta base module, stacked params (M, ...), init seed per model); model m = task m // S, seed m % S."""
     spec = get_arch(cfg.arch)
-    init_seeds = [s if cfg.shared_init else s + cfg.seeds * (t + 1) for t in range(cfg.tasks) for s in range(cfg.seeds)]
+    init_seeds = [s if cfg.shared_init else s + cfg.seeds * (t + 1) for t in cfg.task_ids() for s in range(cfg.seeds)]
     built: dict[int, torch.nn.Module] = {}
     for seed in dict.fromkeys(init_seeds):
         with torch.random.fork_rng(devices=[]):
@@ -183,8 +195,9 @@ def _evaluate(fwd, params, x, y_base, labels_of) -> tuple[torch.Tensor, torch.Te
     return torch.cat(accs).cpu(), torch.cat(losses).cpu()
 
 
-def train_population(cfg: PopulationConfig, show_progress: bool = False) -> tuple[list[Checkpoint], float]:
-    """Train the population; returns (checkpoints in (step, task, seed) order, training seconds)."""
+def train_population(cfg: PopulationConfig, show_progress: bool = False, progress=None) -> tuple[list[Checkpoint], float]:
+    """Train the population; returns (checkpoints in (step, task, seed) order, training seconds).
+    ``progress(k)`` is called as steps complete (a Ray worker reports to the driver's bar)."""
     from tqdm import tqdm
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -195,19 +208,19 @@ def train_population(cfg: PopulationConfig, show_progress: bool = False) -> tupl
     base, params, init_seeds = _init_population(cfg, input_shape, device)
     M, S = len(init_seeds), cfg.seeds
     task_of = torch.arange(M) // S  # (M,)
-    g_hp = torch.Generator().manual_seed(cfg.hp_seed)
+    g_hp = torch.Generator().manual_seed(cfg.seed_for(cfg.hp_seed))
     lo, hi = (math.log(v) for v in cfg.lr_range)
     lr = torch.exp(lo + (hi - lo) * torch.rand(M, generator=g_hp, dtype=torch.float64)).float()
     wd_choices = torch.tensor(cfg.weight_decay, dtype=torch.float32)
     wd = wd_choices[torch.randint(len(wd_choices), (M,), generator=g_hp)]
-    g_batch = torch.Generator().manual_seed(cfg.hp_seed + 1)
+    g_batch = torch.Generator().manual_seed(cfg.seed_for(cfg.hp_seed + 1))
 
     lut, x_tr, y_tr = tasks.lut.to(device), tasks.x_train.to(device), tasks.y_train.to(device)
     x_te, y_te = tasks.x_test.to(device), tasks.y_test.to(device)
     train_idx, train_lab, task_dev = tasks.train_idx.to(device), tasks.train_lab.to(device), task_of.to(device)
     n_rows = tasks.n_train[task_of, None].to(device)  # (M, 1) rows in each model's task
     row0 = (task_of[:, None] * tasks.train_idx.shape[1]).to(device)  # (M, 1) offset of its task in train_idx
-    labels_of = lambda a, b: lut[task_dev[a:b]]  # noqa: E731  (Mc, C_base)
+    labels_of = lambda a, b: lut[task_dev[a:b]]
     fwd_batch = _logits_fn(cfg.arch, base, shared_x=False)
     fwd_eval = _logits_fn(cfg.arch, base, shared_x=True)
     state = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}  # Adam (m, v)
@@ -236,6 +249,8 @@ def train_population(cfg: PopulationConfig, show_progress: bool = False) -> tupl
             _adamw_(params, grads, state, lr_d, wd_d, step, cfg.betas)
         if step in ckpt_steps:
             snapshot(step)
+        if progress is not None and (step % 10 == 0 or step == cfg.steps):
+            progress(10 if step % 10 == 0 else step % 10)
     seconds = time.perf_counter() - t0
 
     keys = list(base.state_dict().keys())
@@ -244,10 +259,11 @@ def train_population(cfg: PopulationConfig, show_progress: bool = False) -> tupl
     for step, stacked, metrics in snaps:
         for m in range(M):
             t, s = divmod(m, S)
+            t_global = cfg.task_ids()[t]
             out.append(Checkpoint(
                 tensors={k: stacked[k][m].clone() for k in keys}, arch=cfg.arch, num_classes=cfg.k,
                 input_shape=input_shape, dataset=tasks.names[t], seed=init_seeds[m],
-                run_id=f"{cfg.family}-{t}-s{s}-{digest}", step=step,
+                run_id=f"{cfg.family}-{t_global}-s{s}-{digest}", step=step,
                 train_config={"optimizer": "adamw", "lr": float(lr[m]), "weight_decay": float(wd[m]),
                               "betas": list(cfg.betas), "batch_size": cfg.batch_size, "steps": cfg.steps,
                               "init_seed": init_seeds[m], "shared_init": cfg.shared_init, "population": digest},
@@ -256,21 +272,75 @@ def train_population(cfg: PopulationConfig, show_progress: bool = False) -> tupl
     return out, seconds
 
 
-def build_population(cfg: PopulationConfig, zoo_url: str, show_progress: bool = True) -> dict:
-    """Train the population, ingest every checkpoint into the zoo at ``zoo_url``, and summarize."""
-    ckpts, seconds = train_population(cfg, show_progress=show_progress)
-    t0 = time.perf_counter()
-    zoo = Zoo(zoo_url)
-    res = zoo.add(ckpts)
-    seconds_ingest = time.perf_counter() - t0
-    last = max(c.step for c in ckpts)
-    final = torch.tensor([c.metrics["test_acc"] for c in ckpts if c.step == last])
+def build_population(cfg: PopulationConfig, zoo_url: str, show_progress: bool = True, workers: int = 1) -> dict:
+    """Train the population, ingest every checkpoint into the zoo at ``zoo_url``, and summarize.
+    ``workers > 1`` (or a Ray cluster in ``RAY_ADDRESS``): one vectorized shard of the tasks per
+    Ray task, each publishing its own commit; shard k trains tasks k, k + N, ... (deterministic
+    for a given config and N, not the same bytes as one process: the draws are per shard)."""
+    import os
+
+    if workers > 1 or os.environ.get("RAY_ADDRESS"):
+        results = _build_ray(cfg, zoo_url, max(1, min(workers, cfg.tasks)), show_progress)
+    else:
+        results = [_build_shard(cfg, zoo_url, show_progress)]
     models = cfg.tasks * cfg.seeds
-    return {"models": models, "checkpoints": len(ckpts), "ingested": len(res["ingested"]),
-            "duplicate": len(res["duplicate"]), "seconds_train": round(seconds, 3),
-            "seconds_ingest": round(seconds_ingest, 3), "models_per_s": round(models / seconds, 2),
-            "mean_final_test_acc": round(float(final.mean()), 4), "min_final_test_acc": round(float(final.min()), 4),
-            "zoo_snapshot": zoo.snapshot_id()}
+    final = torch.tensor([a for r in results for a in r["final_acc"]])
+    seconds = max(r["seconds_train"] for r in results)  # shards train side by side
+    out = {"models": models, "checkpoints": sum(r["checkpoints"] for r in results),
+           "ingested": sum(r["ingested"] for r in results), "duplicate": sum(r["duplicate"] for r in results),
+           "seconds_train": round(seconds, 3), "seconds_ingest": round(max(r["seconds_ingest"] for r in results), 3),
+           "models_per_s": round(models / seconds, 2),
+           "mean_final_test_acc": round(float(final.mean()), 4), "min_final_test_acc": round(float(final.min()), 4),
+           "zoo_snapshot": Zoo(zoo_url, mode="r").snapshot_id()}
+    return out if workers == 1 and not os.environ.get("RAY_ADDRESS") else {**out, "workers": len(results)}
+
+
+def _build_shard(cfg: PopulationConfig, zoo_url: str, show_progress: bool = False, progress=None) -> dict:
+    ckpts, seconds = train_population(cfg, show_progress=show_progress, progress=progress)
+    t0 = time.perf_counter()
+    res = Zoo(zoo_url).add(ckpts)
+    last = max(c.step for c in ckpts)
+    return {"checkpoints": len(ckpts), "ingested": len(res["ingested"]), "duplicate": len(res["duplicate"]),
+            "seconds_train": seconds, "seconds_ingest": time.perf_counter() - t0,
+            "final_acc": [c.metrics["test_acc"] for c in ckpts if c.step == last]}
+
+
+def _build_ray(cfg: PopulationConfig, zoo_url: str, shards: int, show_progress: bool) -> list[dict]:
+    """One Ray task per shard; steps done are reported through a queue to the driver's progress bar."""
+    import os
+    from pathlib import Path
+
+    import ray
+    from ray.util.queue import Empty, Queue
+    from tqdm import tqdm
+
+    started_here = False
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else shards, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
+        started_here = True
+    try:
+        if "://" not in zoo_url:
+            zoo_url = str(Path(zoo_url).resolve())  # workers may run in another cwd
+        queue = Queue()
+        task = ray.remote(num_cpus=1, max_retries=1)(
+            lambda c, url, q: _build_shard(c, url, progress=lambda k: q.put_nowait(k)))
+        refs = [task.remote(dataclasses.replace(cfg, shard=k, shards=shards), zoo_url, queue) for k in range(shards)]
+        bar = tqdm(total=cfg.steps * shards, desc=f"train {cfg.tasks * cfg.seeds} x {cfg.arch} on {shards} workers",
+                   unit="step", disable=not show_progress)
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            try:
+                bar.update(sum(queue.get_nowait_batch(queue.qsize())))
+            except Empty:
+                pass
+        bar.close()
+        return ray.get(refs)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _instructions(dataset: str) -> list[str]:

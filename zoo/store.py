@@ -7,9 +7,13 @@ Layout (one root, local directory or any fsspec URL such as ``s3://bucket/zoo``)
         commits/<commit>/zarr.json                    attrs: {"segment": seg, "records": [...]},
                                                       or {"removed": [ids]} (``zoo rm``)
         leases/<seg>/zarr.json                        held by the writer of <seg> until it commits
+    index/                                            the metadata index beside the commits (``zoo.index``)
+    nn/<collection>/<version>/                        the novelty index (``weightgen.nn_index``)
 
 Why this shape: stacked rows write ~100x faster than a group per checkpoint and read one tensor
-across many checkpoints in one request. Writers never touch each other's keys: each ingestion
+across many checkpoints in one request. A commit may list each row's ``orders`` (rows copied by
+compaction or gc keep their first commit's order, ``zoo.events``). Writers never touch each
+other's keys: each ingestion
 batch writes a fresh segment, then publishes it with one commit document (a single atomic key
 write: temp file + rename locally, one PUT on object stores). Readers only see rows named by a
 commit, so a writer killed at any moment leaves no half-written entry visible, and two writers
@@ -27,18 +31,28 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from functools import reduce
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from zoo import lease
-from zoo.records import (Checkpoint, ZooError, checkpoint_id, collection_id, dtype_name, from_numpy,  # noqa: F401
-                         new_segment_name, public, to_numpy)
+from zoo.records import (  # noqa: F401
+    Checkpoint,
+    ZooError,
+    checkpoint_id,
+    collection_id,
+    dtype_name,
+    from_numpy,
+    new_segment_name,
+    public,
+    to_numpy,
+)
+from zoo.storeio import StoreIO
 from zoo.validate import validate_tensors  # noqa: F401  (re-exported: zoo.validate_tensors)
 
 FORMAT_VERSION = 1
@@ -65,7 +79,7 @@ def _chunk_rows(n: int, row_bytes: int) -> int:
     return max(1, min(n, CHUNK_BYTES // max(row_bytes, 1)))
 
 
-class Zoo:
+class Zoo(StoreIO):
     """A checkpoint zoo at ``url``. Cheap to open; metadata is read once and cached (``refresh()``)."""
 
     def __init__(self, url: str, mode: str = "a", storage_options: dict | None = None):
@@ -74,105 +88,123 @@ class Zoo:
         self.root = _open_root(self.url, mode, storage_options)
         if not self.read_only and "format_version" not in self.root.attrs:
             self.root.attrs["format_version"] = FORMAT_VERSION
-        self._records: dict[str, dict] | None = None
-        self._commits: list[str] = []
-        self._docs: list[tuple[str, str, dict]] = []  # (collection, commit name, commit attrs)
+        self.storage_options = storage_options or {}
+        self._v = None  # zoo.index.View, built on first use
+        self._docs: dict[str, dict] = {}  # group path -> attributes (commit and snapshot documents never change)
+        self._tables: dict = {}  # commit key -> its events (zoo.events), for commits not in the index
+        self._fs = None
         self._segments: dict[tuple[str, str], Any] = {}
         self._arrays: dict[tuple[str, str, str], Any] = {}
 
     # ------------------------------------------------------------------ metadata
 
     def refresh(self) -> None:
-        self._records = None
+        """Forget what this reader saw; the next read lists the zoo again (reading only new documents)."""
+        self._v = None
 
-    def _load(self) -> dict[str, dict]:
-        """id -> record of every visible entry. Commits apply in time order (their names start with
-        the writer's clock): the first commit of an id wins, and a removal (``zoo rm``) hides the id
-        from every earlier commit, so re-ingesting it later makes it visible again."""
-        if self._records is not None:
-            return self._records
-        docs = []
-        coll_root = self.root.get("collections")
-        for cid in sorted(coll_root.group_keys()) if coll_root is not None else []:
-            cgroup = coll_root.get(f"{cid}/commits")
-            for name, g in sorted(cgroup.groups(), key=lambda kv: kv[0]) if cgroup is not None else []:
-                docs.append((cid, name, g.attrs.asdict()))
-        recs: dict[str, dict] = {}
-        for cid, name, attrs in sorted(docs, key=lambda d: (d[1], d[0])):
-            for ckpt_id in attrs.get("removed", []):
-                recs.pop(ckpt_id, None)
-            for row, r in enumerate(attrs.get("records", [])):
-                if r["id"] not in recs:
-                    recs[r["id"]] = {**r, "_loc": (cid, attrs["segment"], row)}
-        self._records, self._docs = recs, docs
-        self._commits = [f"{cid}/{name}" for cid, name, _ in docs]  # snapshot order: collection, then name
-        return recs
+    def _view(self):
+        """The zoo as of the last refresh: index snapshot + commits it does not cover (``zoo.index``)."""
+        if self._v is None:
+            from zoo.index import View
+
+            skip: set[str] = set()
+            while self._v is None:
+                try:
+                    self._v = View(self, skip)
+                except FileNotFoundError:  # gc took that snapshot's files after it was listed
+                    if len(skip) >= 3:
+                        raise
+                    skip.add(self._last_snapshot)
+        return self._v
 
     def __len__(self) -> int:
-        return len(self._load())
+        return self._retry(lambda: self._view().count())
 
     def __contains__(self, ckpt_id: str) -> bool:
-        return ckpt_id in self._load()
+        return bool(self._retry(lambda: self._view().contains_many([ckpt_id])[0]))
 
-    def ids(self) -> list[str]:
-        return list(self._load())
+    def ids(self, **filters) -> list[str]:
+        """Ids of every entry (matching ``filters``, as ``query`` takes them), without reading records."""
+        from zoo.index import Filters
+
+        return self._retry(lambda: self._view().ids(Filters(**filters) if filters else None))
 
     def query(self, arch: str | None = None, dataset: str | None = None, tag: str | None = None,
-              metrics: Iterable[tuple[str, float | None, float | None]] = (), **equals) -> list[dict]:
-        """Records matching every filter; ``metrics`` is (name, min, max) ranges (None = open).
-        ``dataset`` matches exactly, or as a prefix when it ends with ``*``."""
-        out = []
-        for r in self._load().values():
-            if arch and r["arch"] != arch:
-                continue
-            if dataset and not (r["dataset"].startswith(dataset[:-1]) if dataset.endswith("*") else r["dataset"] == dataset):
-                continue
-            if tag and tag not in r["tags"]:
-                continue
-            if any(r.get(k) != v for k, v in equals.items()):
-                continue
-            ok = True
-            for name, lo, hi in metrics:
-                v = r["metrics"].get(name)
-                # NaN compares False both ways: an entry ingested before NaN was refused matches nothing
-                if not isinstance(v, (int, float)) or v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
-                    ok = False
-                    break
-            if ok:
-                out.append(public(r))
-        return out
+              metrics: Iterable[tuple[str, float | None, float | None]] = (), *, instruction: str | None = None,
+              num_classes: int | None = None, input_shape=None, limit: int | None = None, offset: int = 0,
+              **equals) -> list[dict]:
+        """Records matching every filter, in commit order; ``metrics`` is (name, min, max) ranges
+        (None = open); ``dataset`` matches exactly, or as a prefix when it ends with ``*``;
+        ``instruction`` is a case-insensitive substring of one of the entry's instructions.
+        Filters run on the index's columns; only the ``offset``/``limit`` page is read as records."""
+        from zoo.index import Filters
+
+        f = Filters(arch, dataset, tag, metrics, instruction, num_classes, input_shape, **equals)
+        places = self._retry(lambda: self._view().match(f))
+        if f.equals:  # fields without a column: checked on the records themselves
+            return [public(r) for r in self._records(places[:]) if f.keep(r)][offset:None if limit is None else offset + limit]
+        page = places[offset:None if limit is None else offset + limit]
+        return [public(r) for r in self._records(page)]
+
+    def count(self, **filters) -> int:
+        """How many entries ``query(**filters)`` returns, without reading their records."""
+        from zoo.index import Filters
+
+        if not filters:
+            return len(self)
+        f = Filters(**filters)
+        return len(self.query(**filters)) if f.equals else len(self._retry(lambda: self._view().match(f)))
+
+    def _records(self, places) -> list[dict]:
+        return self._retry(lambda: self._view().records(places)) if places else []
+
+    def _retry(self, fn):
+        """An index part can be reclaimed by gc after this reader listed the zoo: list again, once."""
+        try:
+            return fn()
+        except FileNotFoundError:
+            self.refresh()
+            return fn()
 
     def get(self, ckpt_id: str) -> dict:
         """The record of ``ckpt_id`` (a unique prefix of at least 8 hex digits is enough)."""
         return public(self._resolve(ckpt_id))
 
     def _resolve(self, ckpt_id: str) -> dict:
-        recs = self._load()
-        if ckpt_id in recs:
-            return recs[ckpt_id]
-        if len(ckpt_id) >= 8:
-            hits = [k for k in recs if k.startswith(ckpt_id)]
-            if len(hits) == 1:
-                return recs[hits[0]]
+        if not isinstance(ckpt_id, str) or not ckpt_id:
+            raise ZooError(f"No checkpoint {ckpt_id!r} in zoo {self.url}")
+        hits = self._retry(lambda: self._view().find(ckpt_id))
+        if not hits and len(ckpt_id) >= 8 and all(c in "0123456789abcdefABCDEF" for c in ckpt_id):
+            hits = self._retry(lambda: self._view().find(ckpt_id.lower(), prefix=True))
             if len(hits) > 1:
                 raise ZooError(f"Checkpoint id prefix {ckpt_id!r} is ambiguous ({len(hits)} matches)")
-        raise ZooError(f"No checkpoint {ckpt_id!r} in zoo {self.url}")
+        if not hits:
+            raise ZooError(f"No checkpoint {ckpt_id!r} in zoo {self.url}")
+        return self._records(hits[:1])[0]
+
+    def _locate(self, ids: list[str]) -> list[dict]:
+        """Records (with ``_loc``) of many ids at once, in order: one keys lookup, one read of the
+        row groups that hold them. An id that is not a visible entry goes through ``_resolve``
+        (a prefix, or the error that says it is not there)."""
+        v = self._view()
+        uniq = list(dict.fromkeys(ids))
+        pos = v._positions(uniq)
+        pos = pos[v.vis[pos]] if len(pos) else pos
+        got = v._take(pos, ["id"])["id"].to_pylist() if len(pos) else []
+        want = set(uniq)
+        where = {i: ("index", int(q)) for q, i in zip(pos, got) if i in want}
+        tail_ids = v.tail["id"].to_pylist()
+        where.update({tail_ids[j]: ("tail", int(j)) for j in np.flatnonzero(v.tail_vis) if tail_ids[j] in want})
+        found = [i for i in uniq if i in where]
+        recs = dict(zip(found, v.records([where[i] for i in found], full=False)))
+        return [recs[i] if i in recs else self._resolve(i) for i in ids]
 
     def snapshot_id(self) -> str:
         """Names exactly which commits a reader saw: generators record it as their training data."""
-        self._load()
-        return hashlib.sha256("\n".join(self._commits).encode()).hexdigest()[:16]
+        return hashlib.sha256("\n".join(self._view().commits).encode()).hexdigest()[:16]
 
     def stats(self) -> dict:
-        recs = self._load()
-        by_arch: dict[str, int] = {}
-        by_coll: dict[str, int] = {}
-        for r in recs.values():
-            by_arch[r["arch"]] = by_arch.get(r["arch"], 0) + 1
-            by_coll[r["_loc"][0]] = by_coll.get(r["_loc"][0], 0) + 1
-        datasets = {r["dataset"] for r in recs.values()}
-        return {"url": self.url, "checkpoints": len(recs), "commits": len(self._commits), "datasets": len(datasets),
-                "by_arch": by_arch, "by_collection": by_coll, "snapshot": self.snapshot_id()}
+        return {"url": self.url, **self._retry(lambda: self._view().stats()), "snapshot": self.snapshot_id()}
 
     # ------------------------------------------------------------------ tensor reads
 
@@ -188,9 +220,6 @@ class Zoo:
         if key not in self._arrays:
             self._arrays[key] = self._segment(cid, seg)[name]
         return self._arrays[key]
-
-    def _exists(self, key: str) -> bool:
-        return sync((self.root.store_path / key).exists())
 
     def _still_there(self, cid: str, seg: str) -> bool:
         """Checked *after* a read: gc deletes a segment's zarr.json before its chunks, so if it is
@@ -220,7 +249,7 @@ class Zoo:
         keys = None if keys is None else list(keys)
 
         def read():
-            cid, seg, row = self._resolve(ckpt_id)["_loc"]
+            cid, seg, row = self._locate([ckpt_id])[0]["_loc"]
             meta = self._segment(cid, seg).attrs["tensors"]
             unknown = sorted(set(keys or ()) - set(meta))
             if unknown:
@@ -245,7 +274,7 @@ class Zoo:
         return self._read(f"stack of {len(ids)} checkpoints", lambda: self._stack(ids, keys))
 
     def _stack(self, ids: list[str], keys: list[str] | None):
-        recs = [self._resolve(i) for i in ids]
+        recs = self._locate(ids)
         colls = {r["_loc"][0] for r in recs}
         if len(colls) > 1:
             raise ZooError(f"stack() needs checkpoints of one architecture shape, got {sorted(colls)}")
@@ -295,11 +324,12 @@ class Zoo:
             problems = c.problems(tensors=validate)
             if problems:
                 raise ZooError(f"checkpoint {c.source or c.id[:12]} is not a valid {c.arch}: {problems}")
-        self.refresh()
-        known = self._load()
+        self.refresh()  # lists the zoo; reads only commit documents this Zoo has not read yet
+        ids = [c.id for c in checkpoints]
+        known = dict(zip(ids, self._retry(lambda: self._view().contains_many(ids))))
         fresh, dup, seen = [], [], set()
         for c in checkpoints:
-            (dup if c.id in known or c.id in seen else fresh).append(c)
+            (dup if known[c.id] or c.id in seen else fresh).append(c)
             seen.add(c.id)
         groups: dict[tuple, list[Checkpoint]] = {}
         for c in fresh:
@@ -308,6 +338,10 @@ class Zoo:
         for (cid, _), group in groups.items():
             self._write_segment(cid, group)
         self.refresh()
+        if fresh:
+            from zoo.compact import maybe_fold
+
+            maybe_fold(self)  # every FOLD_AT commits: the index keeps up, readers read a short tail
         return {"ingested": [c.id for c in fresh], "duplicate": [c.id for c in dup]}
 
     def _write_segment(self, cid: str, group: list[Checkpoint]) -> None:
@@ -319,8 +353,10 @@ class Zoo:
         arrays = ((n, np.stack([to_numpy(c.tensors[n]) for c in group])) for n in first.tensors)  # one at a time
         self._write_rows(cid, new_segment_name(), attrs, arrays, records)
 
-    def _write_rows(self, cid: str, seg: str, attrs: dict, arrays, records: list[dict]) -> None:
-        """Lease, segment, commit, release: the write protocol ``zoo.gc`` relies on."""
+    def _write_rows(self, cid: str, seg: str, attrs: dict, arrays, records: list[dict],
+                    orders: list[str] | None = None) -> None:
+        """Lease, segment, commit, release: the write protocol ``zoo.gc`` relies on. ``orders``:
+        each row's order key when rows are copied from other commits (``zoo.events``)."""
         lease_key = f"collections/{cid}/leases/{seg}"
         held = lease.new()
         self.root.create_group(lease_key, attributes=held)  # 1. before the segment exists
@@ -338,36 +374,13 @@ class Zoo:
                                f"(stalled longer than the lease TTL?); nothing was committed: run again")
             # 4. The commit: one document, written last. Until it exists the segment is invisible.
             try:
-                self.root.create_group(f"collections/{cid}/commits/{seg}", attributes={
-                    "segment": seg, "records": records, "committed_at": time.time()})
+                doc = {"segment": seg, "records": records, "committed_at": time.time()}
+                self.root.create_group(f"collections/{cid}/commits/{seg}",
+                                       attributes=doc if orders is None else {**doc, "orders": orders})
             except ContainsGroupError:  # pragma: no cover - name has a random part
                 raise ZooError(f"commit {seg} already exists") from None
         finally:
             self._delete_prefix(lease_key)  # 5. (a failed write leaves an unleased orphan for gc)
-
-    # store-level helpers: they work on keys whether or not Zarr still sees a group there
-    def _list(self, key: str) -> list[str]:
-        prefix = f"{self.root.store_path.path}/{key}".strip("/")
-
-        async def ls():
-            return [x async for x in self.root.store.list_dir(prefix)]
-
-        try:
-            return sync(ls())
-        except FileNotFoundError:
-            return []
-
-    def _delete_key(self, key: str) -> None:
-        try:
-            sync((self.root.store_path / key).delete())
-        except FileNotFoundError:
-            pass
-
-    def _delete_prefix(self, key: str) -> None:
-        try:
-            sync((self.root.store_path / key).delete_dir())
-        except FileNotFoundError:
-            pass
 
     def remove(self, ids: Iterable[str]) -> list[str]:
         """Hide checkpoints (``weightgen zoo rm``): one commit per collection that lists them as

@@ -1,0 +1,208 @@
+"""Keeping a zoo of many commits fast: folding commits into the index, merging small segments.
+
+**Folding** (``fold``) writes a new index snapshot (``zoo.index``) that covers every listed
+commit: the previous snapshot's parts, plus one part holding the tail's events, plus a bitmap of
+what is visible. Writers fold after their commit once the tail is ``FOLD_AT`` commits or ``FOLD_ROWS``
+rows long, so readers never read more than that many commit documents or records. Parts are merged like a binary counter
+(the last two while the older is not larger), so a zoo of N rows has O(log N) parts and every
+row is rewritten O(log N) times. ``full=True`` (``weightgen zoo compact``) rewrites them as one.
+
+**Merging segments** (``compact``): commits of fewer than ``SMALL_ROWS`` rows in a collection
+are copied, visible rows only, into segments of up to ``TARGET_BYTES``; each merged segment is
+published like any write (lease, segment, commit) and its commit lists every row's original
+order (``zoo.events``), so which copy of an id wins never changes. Only then are the source
+commit documents deleted; their segments become garbage that ``gc`` reclaims after
+``--min-age`` (a reader that listed them still finds them). 10,000 commits of 10 rows made a
+stack of 1,000 rows open up to 1,000 segments.
+
+**Why this is safe under kill -9 and concurrent writers.** Every file either is written under a
+lease before the one document that publishes it (a segment before its commit, index parts and
+bitmap before their snapshot), or is a document written whole. Killed before the document, the
+files are an unleased orphan for gc; killed after it, the merged rows and their sources are both
+published with equal orders, and the reader's rule picks one (same content, same record). Writers
+never touch a key a compaction writes or deletes; two compactions at once at worst copy the
+same rows twice. Any snapshot is a correct view by itself (readers re-read what it misses), so
+concurrent folds need no lock.
+"""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from zoo import events as ev
+from zoo import lease
+from zoo.index import ROW_GROUP
+from zoo.records import ZooError, checkpoint_id, from_numpy, new_segment_name
+
+FOLD_AT = 32  # tail commits before a writer folds them into the index
+FOLD_ROWS = 4096  # or tail rows: parsing 10,000 records of commit JSON costs a reader ~0.3 s
+SMALL_ROWS = 1024  # a commit with fewer rows is merged by `compact`
+TARGET_BYTES = 256 << 20  # of one merged segment
+
+
+def maybe_fold(zoo) -> None:
+    """Fold when the tail is long; a failure here never fails the write that already committed."""
+    try:
+        v = zoo._view()
+        if len(v.tail_keys) >= FOLD_AT or v.tail.num_rows >= FOLD_ROWS:
+            fold(zoo)
+    except Exception as e:  # noqa: BLE001 - the data is committed; the next writer or `zoo compact` folds
+        warnings.warn(f"zoo index not updated ({type(e).__name__}: {e}); readers read the commits instead")
+
+
+def _write_part(zoo, key: str, t: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(t, buf, row_group_size=ROW_GROUP, compression="zstd")
+    zoo._set_bytes(key, buf.getvalue())
+    ids = ev.id_prefix64(t["id"].to_pylist())
+    order = np.argsort(ids, kind="stable")
+    zoo._set_bytes(key.removesuffix(".parquet") + ".keys", ids[order].tobytes() + order.astype(np.int32).tobytes())
+
+
+def fold(zoo, full: bool = False) -> dict:
+    """Write a snapshot covering every commit listed now; ``full``: as one part, without the
+    events of commits that are gone. Returns {"snapshot", "parts", "rows", "folded"}."""
+    if zoo.read_only:
+        raise ZooError(f"Zoo {zoo.url} is open read-only")
+    name = new_segment_name()
+    lease_key = f"index/leases/{name}"
+    zoo.root.create_group(lease_key, attributes=lease.new())  # before reading the snapshot it builds on (gc)
+    try:
+        zoo.refresh()
+        v = zoo._view()
+        if not (full or v.tail_keys or v.gone):
+            return {"snapshot": v.snapshot, "parts": len(v.parts), "rows": v.n_index, "folded": 0}
+        parts = [{"key": p.key, "rows": p.rows, "commits": p.commits, "vis": v.vis[p.offset:p.offset + p.rows],
+                  "part": p} for p in v.parts]
+        if v.tail_keys:
+            parts.append({"key": None, "rows": v.tail.num_rows, "commits": v.tail_keys, "vis": v.tail_vis,
+                          "table": v.tail})
+        gone = sorted(v.absent)
+        k = 0
+        if full and parts:
+            parts = [_merge(v, parts, gone)]
+        while not full and len(parts) >= 2 and parts[-2]["rows"] <= parts[-1]["rows"]:
+            parts[-2:] = [_merge(v, parts[-2:], [])]
+        for p in parts:
+            if p["key"] is None:
+                p["key"] = f"index/parts/{name}.{k}.parquet"
+                k += 1
+                _write_part(zoo, p["key"], p["table"])
+        vis = np.concatenate([p["vis"] for p in parts]) if parts else np.zeros(0, bool)
+        zoo._set_bytes(f"index/parts/{name}.visible", np.packbits(vis).tobytes())
+        if not zoo._exists(f"{lease_key}/zarr.json"):
+            raise ZooError(f"the lease of index snapshot {name} was reclaimed by gc while it was written; run again")
+        covered = {c for p in parts for c in p["commits"]}
+        zoo.root.create_group(f"index/snapshots/{name}", attributes={
+            "format": 1, "parts": [{"key": p["key"], "rows": p["rows"], "commits": p["commits"]} for p in parts],
+            "visible": f"index/parts/{name}.visible", "count": int(vis.sum()), "created_at": time.time(),
+            "dropped": sorted(set(gone) & covered)})
+        if not all(zoo._exists(p["key"]) for p in parts):  # a part of the base reclaimed meanwhile: withdraw
+            zoo._delete_prefix(f"index/snapshots/{name}")
+            raise ZooError(f"a part of index snapshot {name} was reclaimed by gc while it was written; run again")
+    finally:
+        zoo._delete_prefix(lease_key)
+    zoo.refresh()
+    return {"snapshot": name, "parts": len(parts), "rows": len(vis), "folded": len(v.tail_keys)}
+
+
+def _merge(v, parts: list[dict], gone: list[str]) -> dict:
+    """One part from several (in order); rows of ``gone`` commits are left out."""
+    tables, vis = [], []
+    for p in parts:
+        t = p.get("table")
+        if t is None:
+            t = pq.read_table(v.zoo._open_file(p["key"]))
+        keep = np.ones(t.num_rows, bool)
+        if gone:
+            keep = ~pc.is_in(t["commit"], pa.array(gone)).fill_null(False).to_numpy(zero_copy_only=False)
+        tables.append(t.filter(pa.array(keep)) if not keep.all() else t)
+        vis.append(p["vis"][keep])
+    t = ev.concat(tables)
+    commits = sorted({c for p in parts for c in p["commits"]} - set(gone))
+    return {"key": None, "rows": t.num_rows, "commits": commits, "vis": np.concatenate(vis), "table": t}
+
+
+def compact(zoo, small_rows: int = SMALL_ROWS, target_bytes: int = TARGET_BYTES) -> dict:
+    """Merge small commits' segments, then fold everything into one index part (see the module
+    docstring). Returns {"merged_commits", "new_segments", "index": fold's report}."""
+    if zoo.read_only:
+        raise ZooError(f"Zoo {zoo.url} is open read-only")
+    zoo.refresh()
+    v = zoo._view()
+    t = v.events(["commit", "kind", "cid", "seg", "row"])
+    adds = t.filter(pc.equal(t["kind"], ev.ADD))
+    commit = np.array(adds["commit"].to_pylist(), object)
+    rows = adds["row"].to_numpy()
+    visible = adds["visible"].to_numpy(zero_copy_only=False)
+    keys, sizes = np.unique(commit, return_counts=True) if len(commit) else (np.array([], object), np.array([]))
+    small = sorted((k for k, s in zip(keys, sizes) if s < small_rows), key=lambda k: k.split("/", 1)[1])
+    docs = dict(zip(small, zoo._read_docs([zoo._commit_path(k) for k in small])))
+    seg_meta = dict(zip(small, zoo._read_docs([f"collections/{k.split('/')[0]}/segments/{docs[k]['segment']}"
+                                                for k in small])))
+    groups: dict[tuple, list[str]] = {}
+    for k in small:
+        m = seg_meta[k]
+        groups.setdefault((k.split("/")[0], repr(sorted(m["tensors"].items()))), []).append(k)
+    report = {"merged_commits": 0, "new_segments": []}
+    for (cid, _), members in groups.items():
+        meta = seg_meta[members[0]]
+        row_bytes = sum(int(np.prod(x["shape"])) * np.dtype(_storage(x["dtype"])).itemsize
+                        for x in meta["tensors"].values())
+        batch, n = [], 0
+        for k in members + [None]:
+            alive = np.sort(rows[(commit == k) & visible]) if k is not None else None
+            if k is None or (batch and (n + len(alive)) * row_bytes > target_bytes):
+                if len(batch) > 1 or (batch and len(batch[0][1]) < len(docs[batch[0][0]]["records"])):
+                    report["new_segments"].append(_merge_segments(zoo, cid, meta, batch, docs))
+                    report["merged_commits"] += len(batch)
+                batch, n = [], 0
+            if k is not None:
+                batch.append((k, alive))
+                n += len(alive)
+    report["index"] = fold(zoo, full=True)
+    return report
+
+
+def _storage(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def _merge_segments(zoo, cid: str, meta: dict, batch: list[tuple[str, np.ndarray]], docs: dict) -> str:
+    """Copy the visible rows of ``batch`` commits into one new segment + commit, then delete the
+    source commit documents (their segments are left to gc)."""
+    records, orders = [], []
+    for k, alive in batch:
+        d = docs[k]
+        own = k.split("/", 1)[1] + ev.ORDER_SEP + cid
+        records += [d["records"][i] for i in alive]
+        orders += [(d.get("orders") or [own] * len(d["records"]))[i] for i in alive]
+
+    data = {}
+    for name in meta["tensors"]:
+        parts = []
+        for k, alive in batch:
+            if len(alive):
+                arr = zoo.root[f"collections/{cid}/segments/{docs[k]['segment']}/{name}"]
+                parts.append(arr[...][alive] if len(alive) * 2 >= arr.shape[0] else arr.get_orthogonal_selection((alive,)))
+        data[name] = np.concatenate(parts) if parts else None
+    # a segment deleted while it was read reads as zeros: check they are all still there, and that
+    # every copied row still hashes to its id, before anything is published
+    if not all(zoo._still_there(cid, docs[k]["segment"]) for k, _ in batch):
+        raise ZooError(f"a segment of {cid} was reclaimed while it was merged; nothing was published: run again")
+    for i, r in enumerate(records):
+        got = checkpoint_id({n: from_numpy(data[n][i], x["dtype"]) for n, x in meta["tensors"].items()})
+        if got != r["id"]:
+            raise ZooError(f"row of {r['id'][:12]} in {cid} does not hash to its id ({got[:12]}); nothing was published")
+    seg = new_segment_name()
+    if records:
+        zoo._write_rows(cid, seg, {**meta, "rows": len(records)}, iter(data.items()), records, orders)
+    for k, _ in batch:  # after the merged commit: a kill -9 in between leaves both, never neither
+        zoo._delete_prefix(zoo._commit_path(k))
+    return f"{cid}/{seg}"

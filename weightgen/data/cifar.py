@@ -130,20 +130,22 @@ def safe_extract(tgz: Path, dest: Path, folder: str = FOLDER) -> None:
         tar.extractall(dest, members=members, **kwargs)
 
 
-def download(dest: Path) -> None:
-    """Download the official archive into ``dest`` (kept for re-extraction), check it, extract it."""
+def download(dest: Path, url: str | None = None, md5: str | None = None, folder: str | None = None) -> None:
+    """Download the official archive at ``url`` into ``dest`` (kept for re-extraction), check its
+    md5, extract its ``folder/``; CIFAR-10's by default, CIFAR-100 comes the same way."""
+    url, md5, folder = url or URL, md5 or MD5, folder or FOLDER
     dest.mkdir(parents=True, exist_ok=True)
-    tgz = dest / "cifar-10-python.tar.gz"
-    if not tgz.is_file() or _md5(tgz) != MD5:
+    tgz = dest / url.rsplit("/", 1)[-1]
+    if not tgz.is_file() or _md5(tgz) != md5:
         part = tgz.with_name(tgz.name + ".part")
         try:
-            urllib.request.urlretrieve(URL, part)
+            urllib.request.urlretrieve(url, part)
         except (OSError, urllib.error.URLError) as e:
-            raise DatasetError(f"could not download {URL} ({e}); download it by hand and extract it into {dest}") from None
+            raise DatasetError(f"could not download {url} ({e}); download it by hand and extract it into {dest}") from None
         part.replace(tgz)
-        if _md5(tgz) != MD5:
-            raise DatasetError(f"{tgz}: md5 {_md5(tgz)} is not the official {MD5}; delete it and try again")
-    safe_extract(tgz, dest)
+        if _md5(tgz) != md5:
+            raise DatasetError(f"{tgz}: md5 {_md5(tgz)} is not the official {md5}; delete it and try again")
+    safe_extract(tgz, dest, folder)
 
 
 def _folder(kw: dict[str, str]) -> Path:

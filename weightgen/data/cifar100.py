@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from weightgen.data import DatasetError, TaskData, data_dir, parse_classes, parse_kv, register_dataset, select_classes
-from weightgen.data.cifar import _md5, _to_images, safe_extract, unpickle
+from weightgen.data.cifar import _to_images, download, unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -57,24 +57,6 @@ def _load_full(folder: str, level: str, stamp: tuple) -> TaskData:
                     LEVELS[level], names, str(root))
 
 
-def _download(dest: Path) -> None:
-    import urllib.error
-    import urllib.request
-
-    dest.mkdir(parents=True, exist_ok=True)
-    tgz = dest / "cifar-100-python.tar.gz"
-    if not tgz.is_file() or _md5(tgz) != MD5:
-        part = tgz.with_name(tgz.name + ".part")
-        try:
-            urllib.request.urlretrieve(URL, part)
-        except (OSError, urllib.error.URLError) as e:
-            raise DatasetError(f"could not download {URL} ({e}); download it by hand and extract it into {dest}") from None
-        part.replace(tgz)
-        if _md5(tgz) != MD5:
-            raise DatasetError(f"{tgz}: md5 {_md5(tgz)} is not the official {MD5}; delete it and try again")
-    safe_extract(tgz, dest, FOLDER)
-
-
 @register_dataset("cifar100")
 def load_cifar100(args: str) -> TaskData:
     """``cifar100``, ``cifar100:labels=coarse``, ``cifar100:classes=3,1,4``, ``cifar100:dir=PATH``."""
@@ -90,7 +72,7 @@ def load_cifar100(args: str) -> TaskData:
         root = data_dir() / FOLDER
     missing = [f for f in FILES if not (root / f).is_file()]
     if missing and kw.get("download", "0").lower() in ("1", "true", "yes"):
-        _download(root.parent)
+        download(root.parent, URL, MD5, FOLDER)
         missing = [f for f in FILES if not (root / f).is_file()]
     if missing:
         raise DatasetError(f"{name}: CIFAR-100 not found: {root} lacks {', '.join(missing)}. Use cifar100:download=1 "

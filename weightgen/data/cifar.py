@@ -71,18 +71,20 @@ def unpickle(path: Path) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _batch(path: Path, key: str = "labels", k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 rows (N, 3072), labels in 0..k-1) of one pickled batch, checked; CIFAR-100's splits
+    name their labels ``fine_labels`` / ``coarse_labels``."""
     d = unpickle(path)
-    x, labels = d.get("data"), d.get("labels")
+    x, labels = d.get("data"), d.get(key)
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
         raise DatasetError(f"{path}: 'data' must be a uint8 array (N, 3072), got {desc}")
     try:
         y = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
-        raise DatasetError(f"{path}: 'labels' must be a list of integers") from None
-    if y.shape != (len(x),) or (len(y) and (y.min() < 0 or y.max() > 9)):
-        raise DatasetError(f"{path}: 'labels' must be {len(x)} integers in 0..9, got shape {y.shape}")
+        raise DatasetError(f"{path}: '{key}' must be a list of integers") from None
+    if y.shape != (len(x),) or (len(y) and (y.min() < 0 or y.max() >= k)):
+        raise DatasetError(f"{path}: '{key}' must be {len(x)} integers in 0..{k - 1}, got shape {y.shape}")
     return x, y
 
 

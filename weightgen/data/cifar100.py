@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from weightgen.data import DatasetError, TaskData, data_dir, parse_classes, parse_kv, register_dataset, select_classes
-from weightgen.data.cifar import _to_images, download, unpickle
+from weightgen.data.cifar import _batch, _to_images, download, unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -28,19 +28,7 @@ LEVELS = {"fine": 100, "coarse": 20}
 
 
 def _split(path: Path, level: str) -> tuple[np.ndarray, np.ndarray]:
-    d = unpickle(path)
-    x, labels = d.get("data"), d.get(f"{level}_labels")
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise DatasetError(f"{path}: 'data' must be a uint8 array (N, 3072), got {desc}")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{path}: '{level}_labels' must be a list of integers") from None
-    k = LEVELS[level]
-    if y.shape != (len(x),) or (len(y) and (y.min() < 0 or y.max() >= k)):
-        raise DatasetError(f"{path}: '{level}_labels' must be {len(x)} integers in 0..{k - 1}, got shape {y.shape}")
-    return x, y
+    return _batch(path, f"{level}_labels", LEVELS[level])
 
 
 @lru_cache(maxsize=2)

@@ -212,6 +212,7 @@ class GeneratorDeployment:
         from safetensors.torch import save
 
         from weightgen.sampling import sample
+        from weightgen.support import SUPPORT_CAP
 
         task = self._task(req)
         if isinstance(task, dict):
@@ -221,7 +222,7 @@ class GeneratorDeployment:
             with deadline(req.get("deadline")):
                 r = sample(req["arch"], task, generator=loaded, n=req["n"], select=req["select"],
                            seed=req["seed"], instruction=req.get("instruction"), novelty=req.get("novelty", True),
-                           head=req.get("head", "fit"), support_per_class=req.get("support_per_class", 256),
+                           head=req.get("head", "fit"), support_per_class=req.get("support_per_class", SUPPORT_CAP),
                            text_encoder=req.get("text_encoder"))
         except RequestExpired:
             self.stopped += 1

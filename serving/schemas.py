@@ -10,15 +10,7 @@ import re
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    WithJsonSchema,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
 MAX_N = 32
 MAX_SUPPORT_PER_CLASS = 4096
@@ -82,6 +74,7 @@ class GenerateRequest(BaseModel):
                                       "(another than the generator's goes through an XBT projection)")
     head: str = Field("fit", pattern="^(fit|generated)$", description="fit: the closed-form head over the "
                       "generated units (declared in the manifest); generated: the generator's own head")
+    # 256 = weightgen.support.SUPPORT_CAP, spelt out so the ingress need not import torch (tested)
     support_per_class: int = Field(256, ge=1, le=MAX_SUPPORT_PER_CLASS,
                                    description="labelled examples per class that condition, fit and select; "
                                                "the rest estimate the returned model's accuracy")

@@ -184,3 +184,11 @@ def test_serve_config_yaml_serves_a_request(server):
         time.sleep(1)
     r = httpx.post(f"{server['url']}/v1/generate", json=SAMPLE, timeout=120)
     assert r.status_code == 200 and r.headers["x-weightgen-generator"] == "hypernet-tiny", r.text
+
+
+def test_http_support_default_is_the_cli_default():
+    """The schema spells the cap out (the ingress does not import torch); it must stay the CLI's."""
+    from serving.schemas import GenerateRequest
+    from weightgen.support import SUPPORT_CAP
+
+    assert GenerateRequest.model_fields["support_per_class"].default == SUPPORT_CAP

@@ -147,6 +147,31 @@ def test_add_reads_only_new_commit_documents(tmp_path, monkeypatch):
     assert len(z) == 12 and len(reads) == len(set(reads)) == 12, reads  # each once (it was 1 + 2 + ... + 12 = 78)
 
 
+def test_writers_merge_small_commits_as_they_go(tmp_path, monkeypatch):
+    """10,000 ingestion jobs of 10 made 10,000 commits: every write listed them all and a stack
+    opened a segment per row group of 10. Writers now merge each size tier once it is full."""
+    monkeypatch.setattr(zc, "FOLD_AT", 2)
+    monkeypatch.setattr(zc, "MERGE_FANOUT", 3)
+    zoo_dir = tmp_path / "zoo"
+    z = Zoo(str(zoo_dir))
+    cks = [_ckpt(i) for i in range(45)]
+    sds = {c.id: c.tensors for c in cks}
+    for i, c in enumerate(cks):
+        z.add([c])
+        if i == 20:  # a removal in between: merged copies keep it hidden
+            z.remove([cks[3].id])
+            del sds[cks[3].id]
+    commits, _ = _state(zoo_dir)
+    assert commits <= 12, f"{commits} commits for 45 one-row writes"
+    _check(zoo_dir, sds)
+    sizes = zc._commit_rows(Zoo(str(zoo_dir), mode="r")._view())
+    assert max(sizes.values()) >= 9, sizes  # merged twice: 1 -> 3 -> 9 rows
+    assert _state(zoo_dir)[1] > 0, "merged sources' segments stay for readers until gc"
+    z.gc(min_age_s=0)
+    assert _state(zoo_dir)[1] == 0
+    _check(zoo_dir, sds)
+
+
 _COMPACT = """
 import sys, time, zarr
 from zoo import Zoo
@@ -203,7 +228,7 @@ def test_compaction_killed_at_any_moment_loses_nothing_and_reruns(tmp_path):
 _WRITER = """
 import sys, torch
 import zoo.compact as zc
-zc.FOLD_AT = 4
+zc.FOLD_AT, zc.MERGE_FANOUT = 4, 3  # writers fold and merge each other's commits while compaction and gc run
 from weightgen import build_model
 from zoo import Checkpoint, Zoo
 z = Zoo(sys.argv[1])

@@ -101,10 +101,15 @@ def id_prefix64(ids) -> np.ndarray:
     return np.frombuffer(bytes.fromhex("".join(i[:16].ljust(16, "0") for i in ids)), ">u8").astype(np.uint64)
 
 
-def visible(ids: np.ndarray, orders: np.ndarray, kinds: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
-    """Which events are visible entries: per id, the first add after its last removal, in
-    (order, position) order (ties, as between a row and its copy, go to the earlier position).
-    ``ids`` and ``orders`` are comparable keys (codes or strings); ``excluded`` rows take no part."""
+def visible(ids: np.ndarray, orders: np.ndarray, kinds: np.ndarray, excluded: np.ndarray | None = None,
+            commits: np.ndarray | None = None) -> np.ndarray:
+    """Which events are visible entries: per id, the first add after its last removal, in order.
+    Equal orders are a row and its copies (compaction, gc and writers' merges copy rows with their
+    order): the copy in the newest commit (``commits``, commit keys) wins, then the earlier
+    position. Why newest: a merge publishes its copy, then deletes the source; had the source
+    won, gc would see the copy as a hidden duplicate and drop it while the merger dropped the
+    source, and the entry was gone (found by writers merging beside gc). ``ids``, ``orders`` and
+    ``commits`` are comparable keys (codes or strings); ``excluded`` rows take no part."""
     n = len(ids)
     out = np.zeros(n, bool)
     if n == 0:
@@ -114,7 +119,10 @@ def visible(ids: np.ndarray, orders: np.ndarray, kinds: np.ndarray, excluded: np
         return out
     _, id_code = np.unique(ids[keep], return_inverse=True)
     _, ord_code = np.unique(orders[keep], return_inverse=True)
-    idx = np.lexsort((np.arange(len(keep)), ord_code, id_code))  # by id, then order, then position
+    newest = np.zeros(len(keep), np.int64)
+    if commits is not None:
+        newest = -np.unique(commits[keep], return_inverse=True)[1].astype(np.int64)
+    idx = np.lexsort((np.arange(len(keep)), newest, ord_code, id_code))  # id, order, newest commit, position
     g, k = id_code[idx], kinds[keep][idx]
     m = len(idx)
     start = np.r_[True, g[1:] != g[:-1]]

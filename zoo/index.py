@@ -179,7 +179,8 @@ class View:
         all_ids = np.array(t["id"].to_pylist() + self.tail["id"].to_pylist(), object)
         orders = np.array(t["order"].to_pylist() + self.tail["order"].to_pylist(), object)
         kinds = np.concatenate([_np(t["kind"], 0), _np(self.tail["kind"], 0)]).astype(np.int8)
-        v = ev.visible(all_ids, orders, kinds, excluded=np.r_[gone, np.zeros(self.tail.num_rows, bool)])
+        commits = np.array(t["commit"].to_pylist() + self.tail["commit"].to_pylist(), object)
+        v = ev.visible(all_ids, orders, kinds, excluded=np.r_[gone, np.zeros(self.tail.num_rows, bool)], commits=commits)
         self.vis[pos] = v[: len(pos)]
         self.tail_vis = v[len(pos):]
 

@@ -121,7 +121,7 @@ def measure(op: str, url: str, opts: dict | None, extra: str) -> dict:
         out["n"] = len(z)
         ids = None
         if op in ("load", "stack"):
-            from zoo.index import Filters
+            from zoo.filters import Filters
 
             v = z._view()
             places = v.match(Filters())

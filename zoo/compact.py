@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 
 from zoo import events as ev
 from zoo import lease
-from zoo.index import ROW_GROUP, _strings
+from zoo.filters import SUFFIX, _strings, filters_bytes
+from zoo.index import ROW_GROUP
 from zoo.records import ZooError, checkpoint_id, from_numpy, new_segment_name
 
 FOLD_AT = 32  # tail commits before a writer folds them into the index
@@ -85,6 +86,7 @@ def _write_part(zoo, key: str, t: pa.Table) -> None:
     ids = ev.id_prefix64(t["id"].to_pylist())
     order = np.argsort(ids, kind="stable")
     zoo._set_bytes(key.removesuffix(".parquet") + ".keys", ids[order].tobytes() + order.astype(np.int32).tobytes())
+    zoo._set_bytes(key.removesuffix(".parquet") + SUFFIX, filters_bytes(t))
 
 
 def fold(zoo, full: bool = False) -> dict:

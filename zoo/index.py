@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from zoo import events as ev
+from zoo.filters import Filters, _np, _strings, open_filters
 from zoo.records import ZooError
 
 ROW_GROUP = 4096  # rows per Parquet row group: reading one record decodes its group (~2 MB of records)
@@ -44,89 +45,7 @@ class Part:
     _keys: tuple | None = None
     _cols: dict = field(default_factory=dict)
     _groups: dict = field(default_factory=dict)
-
-
-class Filters:
-    """A query: every given field must match (see ``Zoo.query``)."""
-
-    def __init__(self, arch=None, dataset=None, tag=None, metrics=(), instruction=None, num_classes=None,
-                 input_shape=None, **equals):
-        self.arch, self.dataset, self.tag, self.instruction = arch, dataset, tag, instruction
-        self.metrics = list(metrics or [])
-        self.num_classes = num_classes
-        self.shape = None if input_shape is None else "x".join(str(int(s)) for s in input_shape)
-        self.equals = equals  # other record fields: checked on the matching records themselves
-
-    def columns(self) -> list[str]:
-        cols = [c for c, v in (("arch", self.arch), ("dataset", self.dataset), ("tags", self.tag),
-                               ("instructions", self.instruction), ("num_classes", self.num_classes),
-                               ("shape", self.shape)) if v is not None]
-        return cols + [ev.METRIC_PREFIX + m for m, _, _ in self.metrics]
-
-    def mask(self, t: pa.Table) -> np.ndarray:
-        m = np.ones(t.num_rows, bool)
-        if self.arch is not None:
-            m &= _strings(t["arch"], lambda a: pc.equal(a, self.arch))
-        if self.dataset is not None:
-            d = self.dataset
-            m &= _strings(t["dataset"], (lambda a: pc.starts_with(a, d[:-1])) if d.endswith("*") else (lambda a: pc.equal(a, d)))
-        if self.shape is not None:
-            m &= _strings(t["shape"], lambda a: pc.equal(a, self.shape))
-        if self.num_classes is not None:
-            m &= _np(t["num_classes"], -1) == int(self.num_classes)
-        if self.tag is not None:
-            m &= _lists(t["tags"], lambda a: pc.equal(a, self.tag))
-        if self.instruction is not None:
-            m &= _lists(t["instructions"], lambda a: pc.match_substring(a, self.instruction, ignore_case=True))
-        for name, lo, hi in self.metrics:
-            col = ev.METRIC_PREFIX + name
-            if col not in t.column_names:
-                return np.zeros(t.num_rows, bool)
-            v = _np(t[col], np.nan)  # NaN (stored before NaN was refused) matches no range
-            ok = ~np.isnan(v)
-            if lo is not None:
-                ok &= v >= lo
-            if hi is not None:
-                ok &= v <= hi
-            m &= ok
-        return m
-
-    def keep(self, rec: dict) -> bool:
-        return all(rec.get(k) == v for k, v in self.equals.items())
-
-
-def _np(col, fill) -> np.ndarray:
-    return col.fill_null(fill).to_numpy() if len(col) else np.zeros(0)
-
-
-def _empty(columns: list[str]) -> pa.Table:
-    return pa.table({c: pa.array([], _plain(ev.SCHEMA.field(c).type)) for c in columns})
-
-
-def _strings(col: pa.ChunkedArray, pred) -> np.ndarray:
-    """``pred`` over a (possibly dictionary-encoded) string column, evaluated once per distinct value."""
-    out = []
-    for chunk in col.chunks:
-        if pa.types.is_dictionary(chunk.type):
-            hit = pred(chunk.dictionary).fill_null(False).to_numpy(zero_copy_only=False)
-            codes = chunk.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-            out.append(np.where(codes >= 0, hit[np.maximum(codes, 0)] if len(hit) else False, False))
-        else:
-            out.append(pred(chunk).fill_null(False).to_numpy(zero_copy_only=False))
-    return np.concatenate(out) if out else np.zeros(0, bool)
-
-
-def _lists(col: pa.ChunkedArray, pred) -> np.ndarray:
-    """Rows of a list<string> column where any element satisfies ``pred``."""
-    out, base = np.zeros(len(col), bool), 0
-    for chunk in col.chunks:
-        flat = pc.list_flatten(chunk)
-        if len(flat):
-            parents = pc.list_parent_indices(chunk).to_numpy()
-            hit = pred(flat).fill_null(False).to_numpy(zero_copy_only=False)
-            out[base + parents[hit]] = True
-        base += len(chunk)
-    return out
+    _filters: object = None  # its filters file (zoo.filters), False when it has none
 
 
 class View:
@@ -158,6 +77,7 @@ class View:
         self.vis = (np.unpackbits(np.frombuffer(zoo._get_bytes(doc["visible"]), np.uint8), count=offset).astype(bool)
                     if offset else np.zeros(0, bool))
         self.tail_vis = np.zeros(self.tail.num_rows, bool)
+        self._matched: dict[tuple, Matches] = {}
         self._patch()
 
     # ------------------------------------------------------------------ building
@@ -190,7 +110,14 @@ class View:
         return p._file
 
     def _read(self, p: Part, columns: list[str]) -> pa.Table:
-        """Whole columns of one part (cached: parts never change)."""
+        """Whole columns of one part (cached: parts never change); filter columns from its
+        filters file when it has one (``zoo.filters``: mapped, not decoded)."""
+        if p._filters is None:
+            p._filters = open_filters(self.zoo, p.key) or False
+        if p._filters is not False:
+            p._cols.update({c: p._filters[c] for c in columns if c not in p._cols and c in p._filters.column_names})
+        if all(c in p._cols for c in columns):
+            return pa.table({c: p._cols[c] for c in columns}) if columns else pa.table({"_": pa.nulls(p.rows)})
         have = set(self._file(p).schema_arrow.names)
         missing = [c for c in columns if c not in p._cols and c in have]
         if missing:
@@ -305,14 +232,17 @@ class View:
 
     def match(self, f: Filters) -> "Matches":
         """Places of every visible entry matching ``f``, in commit order (index, then tail)."""
-        cols = f.columns()
-        pos = []
-        for p in self.parts:
-            vis = self.vis[p.offset:p.offset + p.rows]
-            m = vis & f.mask(self._read(p, cols)) if cols else vis
-            pos.append(p.offset + np.flatnonzero(m))
-        m = self.tail_vis & f.mask(self.tail) if cols else self.tail_vis
-        return Matches(np.concatenate(pos) if pos else np.zeros(0, np.int64), np.flatnonzero(m))
+        key = f.key()
+        if key not in self._matched:  # count() then query() of one filter: matched once
+            cols = f.columns()
+            pos = []
+            for p in self.parts:
+                vis = self.vis[p.offset:p.offset + p.rows]
+                m = f.mask(self._read(p, cols), vis) if cols else vis
+                pos.append(p.offset + np.flatnonzero(m))
+            m = f.mask(self.tail, self.tail_vis) if cols else self.tail_vis
+            self._matched[key] = Matches(np.concatenate(pos) if pos else np.zeros(0, np.int64), np.flatnonzero(m))
+        return self._matched[key]
 
     def ids(self, f: Filters | None = None) -> list[str]:
         """Visible ids (matching ``f``), reading only the id column and the filtered ones."""
@@ -377,6 +307,10 @@ class Matches:
 
     def __iter__(self):
         return iter(self[:])
+
+
+def _empty(columns: list[str]) -> pa.Table:
+    return pa.table({c: pa.array([], _plain(ev.SCHEMA.field(c).type)) for c in columns})
 
 
 def _plain(t: pa.DataType) -> pa.DataType:

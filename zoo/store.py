@@ -125,7 +125,7 @@ class Zoo(StoreIO):
 
     def ids(self, **filters) -> list[str]:
         """Ids of every entry (matching ``filters``, as ``query`` takes them), without reading records."""
-        from zoo.index import Filters
+        from zoo.filters import Filters
 
         return self._retry(lambda: self._view().ids(Filters(**filters) if filters else None))
 
@@ -137,7 +137,7 @@ class Zoo(StoreIO):
         (None = open); ``dataset`` matches exactly, or as a prefix when it ends with ``*``;
         ``instruction`` is a case-insensitive substring of one of the entry's instructions.
         Filters run on the index's columns; only the ``offset``/``limit`` page is read as records."""
-        from zoo.index import Filters
+        from zoo.filters import Filters
 
         f = Filters(arch, dataset, tag, metrics, instruction, num_classes, input_shape, **equals)
         places = self._retry(lambda: self._view().match(f))
@@ -148,7 +148,7 @@ class Zoo(StoreIO):
 
     def count(self, **filters) -> int:
         """How many entries ``query(**filters)`` returns, without reading their records."""
-        from zoo.index import Filters
+        from zoo.filters import Filters
 
         if not filters:
             return len(self)

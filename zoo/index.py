@@ -112,11 +112,7 @@ class View:
     def _read(self, p: Part, columns: list[str]) -> pa.Table:
         """Whole columns of one part (cached: parts never change); filter columns from its
         filters file when it has one (``zoo.filters``: mapped, not decoded)."""
-        if p._filters is None:
-            p._filters = open_filters(self.zoo, p.key) or False
-        if p._filters is not False:
-            p._cols.update({c: p._filters[c] for c in columns if c not in p._cols and c in p._filters.column_names})
-        if all(c in p._cols for c in columns):
+        if self._mapped(p, columns):
             return pa.table({c: p._cols[c] for c in columns}) if columns else pa.table({"_": pa.nulls(p.rows)})
         have = set(self._file(p).schema_arrow.names)
         missing = [c for c in columns if c not in p._cols and c in have]
@@ -125,6 +121,14 @@ class View:
             p._cols.update({c: t[c] for c in missing})
         cols = {c: p._cols[c] for c in columns if c in p._cols}
         return pa.table(cols) if cols else pa.table({"_": pa.nulls(p.rows)})
+
+    def _mapped(self, p: Part, columns: list[str]) -> bool:
+        """Whether all ``columns`` of ``p`` are at hand (cached, or in its filters file)."""
+        if p._filters is None:
+            p._filters = open_filters(self.zoo, p.key) or False
+        if p._filters is not False:
+            p._cols.update({c: p._filters[c] for c in columns if c not in p._cols and c in p._filters.column_names})
+        return all(c in p._cols for c in columns)
 
     def _group(self, p: Part, g: int, columns: list[str]) -> pa.Table:
         key = (g, tuple(columns))
@@ -165,7 +169,7 @@ class View:
             local = pos[(pos >= p.offset) & (pos < p.offset + p.rows)] - p.offset
             if not len(local):
                 continue
-            if all(c in p._cols for c in columns):
+            if self._mapped(p, columns):
                 pieces.append(self._read(p, columns).take(pa.array(local)))
                 continue
             rgs = np.unique(local // ROW_GROUP)

@@ -328,3 +328,32 @@ def test_a_long_write_renews_its_lease(tmp_path, monkeypatch):
     monkeypatch.setattr(zarr.Group, "create_array", create_array)
     Zoo(url).add([_ckpt(0)])
     assert len(seen) == 4 and seen == sorted(seen) and seen[-1] > seen[0], seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16", "int8", "float64"])
+def test_ranged_row_reads_equal_zarrs_own(tmp_path, dtype):
+    """Stack and load read scattered rows as byte ranges (zoo.rows); they must be Zarr's bytes
+    exactly: any order, repeats, runs across chunk edges, the padded last chunk, a chunk never written."""
+    import numpy as np
+    import zarr
+
+    from zoo.rows import raw, take_rows
+
+    g = zarr.open_group(str(tmp_path / "g"), mode="w")
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((203, 3, 5)) * 50).astype(dtype)
+    data[70:140] = 0  # chunks 7..13 all fill value: Zarr does not write them
+    arr = g.create_array("w", shape=data.shape, dtype=data.dtype, chunks=(10, 3, 5), compressors=None, fill_value=0)
+    arr[...] = data
+    assert raw(arr) and not (tmp_path / "g/w/c/8/0/0").exists()
+    for rows in ([5], [202, 0, 201], [9, 10, 11, 12], list(range(195, 203)), [75, 3, 75, 150, 139, 140],
+                 rng.integers(0, 203, 60).tolist(), []):
+        got = take_rows(arr, np.array(rows, np.int64))
+        want = arr.get_orthogonal_selection((np.array(rows, np.int64),)) if rows else data[:0]
+        assert got.dtype == want.dtype and np.array_equal(got, want), rows
+    with pytest.raises(IndexError):
+        take_rows(arr, np.array([203]))
+    squeezed = g.create_array("c", shape=(20, 4), dtype="float32", chunks=(5, 2), compressors=None)
+    assert not raw(squeezed), "chunked along more than rows: read through Zarr"
+    packed = g.create_array("z", shape=(20, 4), dtype="float32", chunks=(5, 4))  # default compressor
+    assert not raw(packed)

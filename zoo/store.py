@@ -255,7 +255,8 @@ class Zoo(StoreIO):
             if unknown:
                 raise ZooError(f"checkpoint {ckpt_id} has no tensors {unknown[:5]}; it has {list(meta)[:10]}")
             names = list(meta) if keys is None else keys
-            return {n: from_numpy(self._array(cid, seg, n)[row], meta[n]["dtype"]) for n in names}, [(cid, seg)]
+            return {n: from_numpy(_rows(self._array(cid, seg, n), np.array([row]))[0], meta[n]["dtype"])
+                    for n in names}, [(cid, seg)]
 
         return self._read(f"checkpoint {ckpt_id}", read)
 
@@ -300,7 +301,7 @@ class Zoo(StoreIO):
                 elif hi - lo <= 2 * len(rows):
                     block = arr[lo:hi][rows - lo]
                 else:
-                    block = arr.get_orthogonal_selection((rows,))
+                    block = _rows(arr, rows)
                 parts.append((pos, from_numpy(block, metas[seg][n]["dtype"])))  # by *this* segment's dtype
             dtype = reduce(torch.promote_types, (t.dtype for _, t in parts))
             if len(parts) == 1 and (parts[0][0] == np.arange(len(recs))).all():
@@ -394,6 +395,13 @@ class Zoo(StoreIO):
         from zoo.gc import collect
 
         return collect(self, min_age_s, lease_ttl_s)["removed_segments"]
+
+
+def _rows(arr, rows: np.ndarray) -> np.ndarray:
+    """``arr[rows]``: only those rows' bytes where the array is stored raw (``zoo.rows``)."""
+    from zoo.rows import raw, take_rows
+
+    return take_rows(arr, rows) if raw(arr) else arr.get_orthogonal_selection((rows,))
 
 
 def open_zoo(url: str | None = None, mode: str = "a", storage_options: dict | None = None) -> Zoo:

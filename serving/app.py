@@ -213,7 +213,8 @@ class Ingress:
         picked = await self._resolve(payload)
         if "error" in picked:
             return picked
-        payload["generator"] = picked["generator"]
+        # backbone archs: the multiplexed id names the backbone; a generator the client named is the head's
+        payload["head_generator"], payload["generator"] = payload.get("generator"), picked["generator"]
         return await self.gen.options(multiplexed_model_id=picked["generator"]).generate.remote(payload)
 
     async def _resolve(self, payload: dict) -> dict:
@@ -224,7 +225,7 @@ class Ingress:
             return await self.gen.resolve.remote(payload)
         data = (payload["dataset"] if payload["dataset"] is not None else None if payload["support"] is None
                 else f"support:{len(payload['support']['x'][0])}")
-        key, now = (payload["arch"], data, payload.get("generator")), time.monotonic()
+        key, now = (payload["arch"], data, payload.get("generator"), payload.get("backbone")), time.monotonic()
         hit = self._resolved.get(key)
         if hit and now - hit[0] < RESOLVE_TTL_S:
             return hit[1]

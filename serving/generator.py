@@ -28,6 +28,22 @@ from serving.schemas import ServeArgs
 MAX_MODELS_PER_REPLICA = 4  # generators a replica keeps loaded (LRU)
 BLOCKED_DATASET_KINDS = ("npz", "folder")  # they read server-side paths
 BLOCKED_DATASET_ARGS = ("download", "dir")  # fetch from the internet / read a server-side directory
+BACKBONE_FAMILIES = ("vit", "resnet")  # archs made as a head on a stored backbone (weightgen.backbones)
+BACKBONE_ID = "backbone:"  # multiplexed id prefix of those requests: "backbone:<backbone id>"
+
+
+def _blocked(dataset: str) -> dict | None:
+    """A 422 for dataset names that would read server-side paths or fetch from the internet."""
+    from weightgen.data import split_name
+
+    kind, args = split_name(dataset)
+    keys = {part.partition("=")[0].strip() for part in args.split(";")}
+    if kind in BLOCKED_DATASET_KINDS or keys & set(BLOCKED_DATASET_ARGS):
+        return _err(422, f"dataset {dataset!r}: {', '.join(BLOCKED_DATASET_KINDS)} datasets and the "
+                         f"{', '.join(BLOCKED_DATASET_ARGS)} arguments are not served over HTTP; send the "
+                         f"examples inline as 'support' or upload an .npz")
+    return None
+
 
 def _err(status: int, message: str) -> dict:
     return {"error": message, "status": status}
@@ -128,13 +144,15 @@ class GeneratorDeployment:
     def resolve(self, req: dict) -> dict:
         """Check arch/dataset/generator names and pick the generator (its name is the multiplexed id)."""
         from weightgen.archs import ARCHS
-        from weightgen.data import dataset_shape, split_name
+        from weightgen.data import dataset_shape
         from weightgen.generators import trained_generators
         from weightgen.sampling import GeneratorMismatchError, NoGeneratorError, find_generator, find_text_generator
 
         try:
             if req["arch"] not in ARCHS:
                 return _err(404, f"Unknown arch {req['arch']!r}. Available: {', '.join(ARCHS.names())}")
+            if ARCHS.get(req["arch"]).family in BACKBONE_FAMILIES:
+                return self._resolve_backbone(req)
             names = [g.name for g in trained_generators()]
             if req.get("generator") and req["generator"] not in names:
                 return _err(404, f"Unknown generator {req['generator']!r}. Available: {', '.join(names) or 'none'}")
@@ -145,12 +163,9 @@ class GeneratorDeployment:
             elif not req.get("dataset") and not req.get("support"):  # an instruction alone
                 return {"generator": find_text_generator(req["arch"], req.get("generator")).name}
             elif req.get("dataset"):
-                kind, args = split_name(req["dataset"])
-                keys = {part.partition("=")[0].strip() for part in args.split(";")}
-                if kind in BLOCKED_DATASET_KINDS or keys & set(BLOCKED_DATASET_ARGS):
-                    return _err(422, f"dataset {req['dataset']!r}: {', '.join(BLOCKED_DATASET_KINDS)} datasets and the "
-                                     f"{', '.join(BLOCKED_DATASET_ARGS)} arguments are not served over HTTP; send the "
-                                     f"examples inline as 'support' or upload an .npz")
+                blocked = _blocked(req["dataset"])
+                if blocked:
+                    return blocked
                 shape = dataset_shape(req["dataset"])[1]
             else:
                 shape = (len(req["support"]["x"][0]),)
@@ -162,6 +177,63 @@ class GeneratorDeployment:
                 return _err(404, self._no_generator(req["arch"], shape))
         except Exception as e:  # noqa: BLE001 - _classify re-raises what it does not know
             return self._classify(e)
+
+    def _resolve_backbone(self, req: dict) -> dict:
+        """A backbone arch: the head is made on a stored backbone from a dataset the server has
+        (images as JSON rows or uploads are not taken); the multiplexed id names the backbone, so a
+        replica keeps its tensors once for every request (``weightgen.backbones``)."""
+        from weightgen.paths import default_zoo
+        from zoo import open_zoo
+        from zoo.backbones import resolve_backbone
+
+        if req.get("npz") is not None or req.get("support") or not req.get("dataset"):
+            return _err(422, f"{req['arch']} is made on a stored backbone from a dataset the server has (e.g. "
+                             f"'cifar10'); images as inline rows or uploads are not taken for it")
+        blocked = _blocked(req["dataset"])
+        if blocked:
+            return blocked
+        rec = resolve_backbone(open_zoo(default_zoo(), mode="r"), req.get("backbone"), req["arch"])
+        return {"generator": f"{BACKBONE_ID}{rec['id']}"}
+
+    def _generate_backbone(self, req: dict, batch_size: int) -> dict:
+        """``sample_on_backbone`` over HTTP: the whole model's safetensors, or (``parts: task``)
+        just the generated tensors; config, preprocessing and manifest in the safetensors metadata."""
+        import hashlib
+
+        from safetensors.torch import save
+
+        from weightgen.backbone_sampling import model_files, sample_on_backbone
+        from weightgen.support import SUPPORT_CAP
+
+        bid = req["generator"][len(BACKBONE_ID):]
+        t0 = time.time()
+        try:
+            with deadline(req.get("deadline")):
+                r = sample_on_backbone(req["arch"], req["dataset"], backbone=bid, generator=req.get("head_generator"),
+                                       n=req["n"], select=req["select"], seed=req["seed"], head=req.get("head", "fit"),
+                                       support_per_class=req.get("support_per_class", SUPPORT_CAP), progress=False)
+        except RequestExpired:
+            self.stopped += 1
+            return _err(408, f"the request's timeout passed after {time.time() - t0:.1f} s of sampling; it was stopped")
+        tensors, cfg, prep = model_files(r)
+        if req.get("parts") == "task":
+            tensors = {k: v for k, v in tensors.items() if k in r.head}
+        manifest = {k: v for k, v in r.manifest.items() if k != "seconds"}  # same request, same bytes
+        meta = {"weightgen": self._scrub(json.dumps({"config": cfg, "preprocessor_config": prep, "manifest": manifest,
+                                                     "parts": req.get("parts", "all")}, sort_keys=True))}
+        body = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+        m = r.manifest
+        return {"body": body, "headers": {
+            "X-Weightgen-Sha256": hashlib.sha256(body).hexdigest(),
+            "X-Weightgen-Generator": m["generator"] or "", "X-Weightgen-Arch": m["arch"],
+            "X-Weightgen-Backbone": bid, "X-Weightgen-Parts": req.get("parts", "all"),
+            "X-Weightgen-Head": m["head_used"],
+            "X-Weightgen-Dataset": m["dataset"], "X-Weightgen-Num-Classes": str(m["num_classes"]),
+            "X-Weightgen-Input-Shape": json.dumps(m["input_shape"]), "X-Weightgen-Seed": str(m["seed"]),
+            "X-Weightgen-Support-Accuracy": f"{m['support_accuracy']:.6f}",
+            "X-Weightgen-Predicted-Accuracy": "" if m["predicted_accuracy"] is None else f"{m['predicted_accuracy']:.6f}",
+            "X-Weightgen-Seconds": str(m["seconds"]), "X-Weightgen-Batch-Size": str(batch_size),
+            "X-Weightgen-Warnings": json.dumps([self._scrub(w) for w in m.get("warnings", [])])}}
 
     # Concurrent requests arrive as a batch but are sampled one after another, not as one joint
     # call: joint would be up to 1.85x faster for n = 1 requests, but a request's bytes would then
@@ -175,6 +247,9 @@ class GeneratorDeployment:
                 out.append(_err(408, "request timed out before it was sampled"))
                 continue
             try:
+                if req["generator"].startswith(BACKBONE_ID):  # a head on a stored backbone (its own caches)
+                    out.append(await asyncio.to_thread(self._generate_backbone, req, len(reqs)))
+                    continue
                 loaded = await self.get_generator(req["generator"])  # load (or LRU-hit) through the multiplexer
                 out.append(await asyncio.to_thread(self._generate_one, loaded, req, len(reqs)))
             except Exception as e:  # noqa: BLE001

@@ -83,6 +83,11 @@ class GenerateRequest(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     select: str = Field("best", pattern="^(best|none)$")
     novelty: bool = True
+    parts: str = Field("all", pattern="^(all|task)$", description="backbone archs (vit-s, vit-t, resnet-18): all = "
+                       "the whole model (backbone + generated head); task = only the generated tensors (the "
+                       "X-Weightgen-Backbone header names the backbone, for clients that hold it)")
+    backbone: str | None = Field(None, pattern="^[0-9a-f]{8,64}$", description="backbone archs: the zoo's backbone "
+                                 "id (or a unique prefix); default: the only one of that arch")
     timeout_s: float | None = Field(None, gt=0, description="give up after this many seconds (capped by the server's limit)")
 
 

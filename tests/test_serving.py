@@ -228,6 +228,52 @@ def test_no_generator_for_an_arch_says_what_exists(client):
     assert "weightgen " not in err and "/" not in err.replace("/v1/generators", "")
 
 
+def test_vit_s_is_the_whole_model_or_just_the_generated_part(client, serve_home):
+    """Issue 10: `arch: vit-s` returns the whole model (backbone + head) a transformers class loads,
+    and with `parts: "task"` only the generated tensors, the backbone named in a header."""
+    from safetensors.torch import load
+    from test_backbones import NAMES, tiny_vit, write_cifar
+    from transformers import ViTForImageClassification
+
+    from weightgen.backbones import add_from_source
+    from zoo import open_zoo
+
+    # the replica's data directory is its home's data/ ($WEIGHTGEN_DATA unset when Ray started)
+    write_cifar(serve_home / "data")
+    bid, _ = add_from_source(open_zoo(str(serve_home / "zoo")), str(tiny_vit(serve_home / "vit-src")), "vit-s")
+    try:
+        req = {"arch": "vit-s", "dataset": "cifar10", "n": 2, "support_per_class": 8}
+        whole = client.post("/v1/generate", json=req)
+        assert whole.status_code == 200, whole.text
+        h = whole.headers
+        assert h["x-weightgen-backbone"] == bid and h["x-weightgen-parts"] == "all" and h["x-weightgen-head"] == "closed_form"
+        meta = json.loads(metadata(whole.content)["weightgen"])
+        assert meta["config"]["id2label"] == {str(i): n for i, n in enumerate(NAMES)}
+        sd = load(whole.content)
+        folder = serve_home / "vit-http"  # what a client does with the response: a folder transformers loads
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(whole.content)
+        (folder / "config.json").write_text(json.dumps(meta["config"]))
+        model = ViTForImageClassification.from_pretrained(str(folder))
+        assert torch.equal(model.classifier.weight.detach(), sd["classifier.weight"])
+        assert model(pixel_values=torch.zeros(1, 3, 32, 32)).logits.shape == (1, len(NAMES))
+        assert meta["preprocessor_config"]["image_mean"] == [0.5, 0.5, 0.5] and meta["manifest"]["backbone"]["id"] == bid
+
+        task = client.post("/v1/generate", json={**req, "parts": "task", "backbone": bid[:12]})
+        assert task.status_code == 200, task.text
+        part = load(task.content)
+        assert sorted(part) == ["classifier.bias", "classifier.weight"] and len(task.content) < len(whole.content) / 20
+        assert all(torch.equal(part[k], sd[k]) for k in part), "the same request's head, bit for bit"
+        assert task.headers["x-weightgen-parts"] == "task" and task.headers["x-weightgen-backbone"] == bid
+
+        inline = client.post("/v1/generate", json={"arch": "vit-s", "support": support_rows(2)})
+        assert inline.status_code == 422 and "stored backbone" in inline.json()["error"]
+        missing = client.post("/v1/generate", json={**req, "backbone": "deadbeef"})
+        assert missing.status_code == 404 and "/" not in missing.json()["error"]
+    finally:
+        shutil.rmtree(serve_home / "zoo" / "backbones", ignore_errors=True)
+
+
 def test_other_class_count(client):
     """The tiny generators were trained on 5-class tasks; a 10-class request still gets loadable
     weights, and is flagged (manifest and header) as a request the generator was not trained for."""

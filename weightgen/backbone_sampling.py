@@ -195,15 +195,11 @@ def sample_on_backbone(arch: str, dataset: str, *, zoo_url: str | None = None, b
     return HeadSample(head_sd, rec, z.url, names, manifest)
 
 
-def write_folder(res: HeadSample, out_dir: str | Path) -> Path:
-    """config.json, model.safetensors (backbone + head), preprocessor_config.json, manifest.json;
-    each written whole through a temp file (``weightgen.outputs``)."""
-    from safetensors.torch import save
-
+def model_files(res: HeadSample) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """What a transformers folder holds: (tensors of the whole model, backbone + head, under the
+    model's keys; config.json as a dict, with ``id2label``; preprocessor_config.json, the backbone's own)."""
     from weightgen.backbones import _config_cls
-    from weightgen.outputs import make_out_dir, write_file
 
-    out = make_out_dir(out_dir)
     fam = family_of(res.backbone["arch"])
     prefix = FAMILIES[fam][1]
     cfg = _config_cls(fam).from_dict(res.backbone["config"])
@@ -213,10 +209,22 @@ def write_folder(res: HeadSample, out_dir: str | Path) -> Path:
     tensors = {prefix + k: v for k, v in backbone_tensors(res.zoo_url, res.backbone["id"]).items()}
     dtype = next(iter(tensors.values())).dtype
     tensors.update({k: v.to(dtype) for k, v in res.head.items()})
+    return tensors, json.loads(cfg.to_json_string(use_diff=False)), res.backbone["preprocessing"]
+
+
+def write_folder(res: HeadSample, out_dir: str | Path) -> Path:
+    """config.json, model.safetensors (backbone + head), preprocessor_config.json, manifest.json;
+    each written whole through a temp file (``weightgen.outputs``)."""
+    from safetensors.torch import save
+
+    from weightgen.outputs import make_out_dir, write_file
+
+    out = make_out_dir(out_dir)
+    tensors, cfg, prep = model_files(res)
     data = save(tensors, metadata={"format": "pt"})
     write_file(out / "model.safetensors", data)
     res.manifest["sha256"] = hashlib.sha256(data).hexdigest()
-    write_file(out / "config.json", cfg.to_json_string(use_diff=False).encode())
-    write_file(out / "preprocessor_config.json", json.dumps(res.backbone["preprocessing"], indent=2).encode())
+    write_file(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True).encode())
+    write_file(out / "preprocessor_config.json", json.dumps(prep, indent=2).encode())
     write_file(out / "manifest.json", json.dumps(res.manifest, indent=1).encode())
     return out

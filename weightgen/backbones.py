@@ -288,8 +288,11 @@ def backbone_record(zoo_url: str, bid: str) -> dict:
     return _module(zoo_url, bid)[0]
 
 
+@lru_cache(maxsize=2)
 def backbone_tensors(zoo_url: str, bid: str) -> dict[str, torch.Tensor]:
-    """The stored tensors (as stored: bit-exact, original dtype), for the output folder."""
+    """The stored tensors (as stored: bit-exact, original dtype), for the output folder; read once
+    per process (a server answers every request for this backbone from the same tensors; callers
+    build new dicts and never write into these)."""
     from zoo import open_zoo
 
     return load_backbone(open_zoo(zoo_url, mode="r"), bid)[1]

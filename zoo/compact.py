@@ -54,7 +54,7 @@ FOLD_AT = 32  # tail commits before a writer folds them into the index
 FOLD_ROWS = 4096  # or tail rows: parsing 10,000 records of commit JSON costs a reader ~0.3 s
 SMALL_ROWS = 1024  # a commit with fewer rows is merged by `compact`
 TARGET_BYTES = 256 << 20  # of one merged segment
-MERGE_FANOUT = 16  # small commits of one size tier a writer merges at once
+MERGE_FANOUT = 8  # small commits of one size tier a writer merges at once
 
 
 def maybe_fold(zoo) -> None:

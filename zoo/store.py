@@ -29,6 +29,7 @@ the promoted dtype (bf16 + fp32 -> fp32), never reinterpreting one dtype's bits 
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterable
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from zoo import lease
@@ -221,10 +223,35 @@ class Zoo(StoreIO):
             self._arrays[key] = self._segment(cid, seg)[name]
         return self._arrays[key]
 
+    def _open_arrays(self, cid: str, segs: list[str], names: list[str]) -> None:
+        """Open every (segment, tensor) array not open yet, concurrently: one at a time, opening
+        400 arrays for a stack of 1,000 rows over 100 segments took 0.24 s."""
+        from zarr.api.asynchronous import open_array
+
+        todo = [(seg, n) for seg in segs for n in names if (cid, seg, n) not in self._arrays]
+        if not todo:
+            return
+
+        async def open_all():
+            return await asyncio.gather(*(open_array(store=self.root.store, zarr_format=3, mode="r",
+                                                     path=self._path(f"collections/{cid}/segments/{seg}/{n}"))
+                                          for seg, n in todo))
+
+        for (seg, n), a in zip(todo, sync(open_all())):
+            self._arrays[(cid, seg, n)] = zarr.Array(a)
+
     def _still_there(self, cid: str, seg: str) -> bool:
         """Checked *after* a read: gc deletes a segment's zarr.json before its chunks, so if it is
         still there, every chunk read before it was intact (a deleted chunk reads as zeros)."""
         return self._exists(f"collections/{cid}/segments/{seg}/zarr.json")
+
+    def _all_there(self, segs: list[tuple[str, str]]) -> list[bool]:
+        """``_still_there`` of many segments, checked concurrently."""
+        async def check():
+            return await asyncio.gather(*((self.root.store_path / f"collections/{c}/segments/{s}/zarr.json").exists()
+                                          for c, s in segs))
+
+        return list(sync(check())) if len(segs) > 1 else [self._still_there(*x) for x in segs]
 
     def _forget(self) -> None:
         self._segments.clear()
@@ -237,7 +264,7 @@ class Zoo(StoreIO):
         for _ in range(2):
             try:
                 out, segs = read()
-                if all(self._still_there(cid, seg) for cid, seg in segs):
+                if all(self._all_there(segs)):
                     return out
             except (KeyError, FileNotFoundError):
                 pass
@@ -283,11 +310,13 @@ class Zoo(StoreIO):
         for pos, r in enumerate(recs):
             by_seg.setdefault(r["_loc"][1], []).append((pos, r["_loc"][2]))
         cid = recs[0]["_loc"][0]
-        metas = {seg: self._segment(cid, seg).attrs["tensors"] for seg in by_seg}
+        segs = list(by_seg)
+        metas = dict(zip(segs, (d["tensors"] for d in self._read_docs([f"collections/{cid}/segments/{s}" for s in segs]))))
         names = list(next(iter(metas.values()))) if keys is None else keys
         unknown = sorted({n for n in names for m in metas.values() if n not in m})
         if unknown:
             raise ZooError(f"no tensors {unknown[:5]} in these checkpoints")
+        self._open_arrays(cid, segs, names)
         out = {}
         for n in names:
             parts = []
@@ -298,8 +327,6 @@ class Zoo(StoreIO):
                 lo, hi = int(rows.min()), int(rows.max()) + 1
                 if hi - lo == len(rows) and (np.diff(rows) == 1).all():
                     block = arr[lo:hi]  # in order and contiguous: no gather, no copy
-                elif hi - lo <= 2 * len(rows):
-                    block = arr[lo:hi][rows - lo]
                 else:
                     block = _rows(arr, rows)
                 parts.append((pos, from_numpy(block, metas[seg][n]["dtype"])))  # by *this* segment's dtype

@@ -180,6 +180,29 @@ def test_writers_merge_small_commits_as_they_go(tmp_path, monkeypatch):
     _check(zoo_dir, sds)
 
 
+def test_gc_beside_a_merge_keeps_the_copy_not_only_the_source(tmp_path):
+    """A merge publishes its copy (same order keys), then deletes the source commit. When readers
+    took the source's rows, gc between those two steps saw the copy as hidden duplicates and
+    dropped it; the merger then dropped the source, and the entries were gone."""
+    z = Zoo(str(tmp_path / "zoo"))
+    cks = [_ckpt(i) for i in range(3)]
+    z.add(cks)
+    (k1,) = z._view().commits
+    cid, name = k1.split("/")
+    doc = z._read_docs([z._commit_path(k1)])[0]
+    meta = z._read_docs([f"collections/{cid}/segments/{doc['segment']}"])[0]
+    src = z.root[f"collections/{cid}/segments/{doc['segment']}"]
+    own = f"{name}\x00{cid}"
+    z._write_rows(cid, zc.new_segment_name(), meta, ((n, src[n][...]) for n in meta["tensors"]), doc["records"],
+                  [own] * len(doc["records"]))  # the merger's copy, published; its source not yet deleted
+    z.refresh()
+    z.gc(min_age_s=0)  # between the merger's two steps
+    z._delete_prefix(z._commit_path(k1))  # the merger's second step
+    z = Zoo(str(tmp_path / "zoo"), mode="r")
+    assert sorted(z.ids()) == sorted(c.id for c in cks)
+    assert all(checkpoint_id(z.load(c.id)) == c.id for c in cks)
+
+
 _COMPACT = """
 import sys, time, zarr
 from zoo import Zoo

@@ -6,7 +6,10 @@ synthetic archive in the exact ``cifar-10-batches-py`` format (PER_CLASS train i
 Each ``sample`` runs in a fresh process (as a user would), measured from outside: first with an
 empty feature cache, then again (features read from the zoo).
 
-    python benchmarks/vit_sample_cost.py [--per-class 20] [--support 16]
+    python benchmarks/vit_sample_cost.py [--per-class 20] [--support 16] [--serve ~/.weightgen]
+
+``--serve HOME``: then a Ray Serve app with that backbone and HOME's mlp-s generators, its
+processes' RSS after a whole-model vit-s request, a ``parts: task`` one and an mlp-s one.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -59,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--support", type=int, default=16)
+    ap.add_argument("--serve", metavar="HOME", help="also measure a Serve app with this home's mlp-s generators")
     a = ap.parse_args()
     from weightgen.archs import build_model
 
@@ -74,10 +79,48 @@ def main() -> None:
         rows[run] = run_cli(["sample", "--arch", "vit-s", "--dataset", "cifar10", "--support-per-class",
                              str(a.support), "--torch-threads", "2", "--out", str(tmp / "d"), *zoo], env)
     m = json.loads((tmp / "d" / "manifest.json").read_text())
-    print(json.dumps({"rows_featurized": m["support_size"] + m["predicted_accuracy_n"],
-                      "backbone_params": m["backbone"]["num_params"],
-                      "runs": {k: {"wall_s": round(w, 1), "peak_rss_mib": round(r), "rc": rc}
-                               for k, (w, r, rc) in rows.items()}}, indent=1))
+    out = {"rows_featurized": m["support_size"] + m["predicted_accuracy_n"], "backbone_params": m["backbone"]["num_params"],
+           "runs": {k: {"wall_s": round(w, 1), "peak_rss_mib": round(r), "rc": rc} for k, (w, r, rc) in rows.items()}}
+    if a.serve:
+        out["serve"] = serve_memory(tmp, env, Path(a.serve).expanduser(), a.support)
+    print(json.dumps(out, indent=1))
+
+
+def serve_memory(tmp: Path, env: dict, mlp_home: Path, support: int) -> dict:
+    """RSS of a Serve app holding the vit-s backbone and the mlp-s generators of ``mlp_home``
+    (links to them), after a whole-model vit-s request, a ``parts: task`` one and an mlp-s one."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "serving.py"))
+    (tmp / "home" / "generators").mkdir(parents=True, exist_ok=True)
+    for g in (mlp_home / "generators").iterdir():
+        (tmp / "home" / "generators" / g.name).symlink_to(g)
+    os.environ.update({k: env[k] for k in ("WEIGHTGEN_HOME", "WEIGHTGEN_DATA")}, WEIGHTGEN_ZOO=str(tmp / "zoo"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    sock = bench["reserve_port"]()
+    port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"home": str(tmp / "home"), "torch_threads": 2}), name="weightgen", route_prefix="/")
+    res = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
+            for name, req in (("vit-s whole model", {"arch": "vit-s", "dataset": "cifar10", "support_per_class": support}),
+                              ("vit-s parts=task", {"arch": "vit-s", "dataset": "cifar10", "parts": "task",
+                                                    "support_per_class": support}),
+                              ("mlp-s", {"arch": "mlp-s", "dataset": "digits:classes=4,2,8,1,0"})):
+                t0 = time.time()
+                r = c.post("/v1/generate", json=req)
+                rss = bench["serve_rss_mb"]()
+                res[name] = {"status": r.status_code, "bytes": len(r.content), "wall_s": round(time.time() - t0, 1),
+                             "serve_rss_mib": {k: round(v) for k, v in rss.items()}, "total_mib": round(sum(rss.values()))}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return res
 
 
 if __name__ == "__main__":

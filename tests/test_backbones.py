@@ -337,3 +337,47 @@ def test_quickstart_vit_s_with_a_backbone_then_sample(tmp_path, monkeypatch, cap
     assert main(["sample", "--arch", "vit-s", "--dataset", "cifar10", "--out", str(tmp_path / "d")]) == 0
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["generator"].startswith("feature-head-vit-s-") and m["generated_head_support_accuracy"] > 0.1
+
+
+def test_head_zoo_entries_name_their_backbone_and_feed_heads_train(tmp_path, monkeypatch, capsys):
+    """Issue 10 item 3: `zoo build --arch vit-s --backbone ID --family cifar10-subsets` stores heads as
+    zoo entries (just the classifier, the backbone by id); `heads train` trains on what the zoo
+    holds for that backbone, held-out classes left out."""
+    from zoo import Checkpoint, open_zoo
+
+    monkeypatch.setenv("WEIGHTGEN_DATA", str(write_cifar(tmp_path / "data", per_batch=60)))
+    zoo = ["--zoo", str(tmp_path / "zoo")]
+    assert main(["zoo", "add-backbone", str(tiny_vit(tmp_path / "vit")), "--arch", "vit-s", *zoo]) == 0
+    bid = json.loads(capsys.readouterr().out)["id"]
+    build = ["zoo", "build", "--arch", "vit-s", "--backbone", bid[:12], "--family", "cifar10-subsets", "--tasks", "5",
+             "--seeds", "2", "--classes", "0,1,2,3,4,5", "--max-classes", "4", "--per-class", "6", "--no-progress", *zoo]
+    assert main(build) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ingested"] == 10 and report["backbone"] == bid
+    z = open_zoo(str(tmp_path / "zoo"), mode="r")
+    recs = z.query(tag=f"backbone:{bid[:12]}")
+    assert len(recs) == 10 and all(r["train_config"]["part"] == "head" and r["train_config"]["backbone_id"] == bid
+                                   for r in recs)
+    r = recs[0]
+    sd = z.load(r["id"])
+    assert sorted(sd) == ["classifier.bias", "classifier.weight"] and sd["classifier.weight"].shape == (r["num_classes"], 32)
+    assert all(int(c) < 6 for r in recs for c in r["dataset"].split("=")[1].split(","))
+    assert main(build) == 0 and json.loads(capsys.readouterr().out)["duplicate"] == 10  # same heads: stored once
+
+    # a head part is checked against its backbone's width and arch family
+    good = {"classifier.weight": torch.zeros(3, 32), "classifier.bias": torch.zeros(3)}
+    cfg = {"part": "head", "backbone_id": bid, "feature_dim": 32}
+    assert Checkpoint(good, "vit-s", 3, (3, 32, 32), train_config=cfg).problems() == []
+    assert Checkpoint(good, "vit-s", 3, (3, 32, 32), train_config={**cfg, "feature_dim": 16}).problems()[0][0] == "shape_mismatch"
+    assert Checkpoint({**good, "x": torch.zeros(1)}, "vit-s", 3, (3, 32, 32), train_config=cfg).problems()[0][0] == "unexpected_keys"
+    assert Checkpoint(good, "mlp-s", 3, (64,), train_config=cfg).problems()[0][0] == "bad_part"
+    bad = {"classifier.weight": torch.full((3, 32), float("nan")), "classifier.bias": torch.zeros(3)}
+    assert Checkpoint(bad, "vit-s", 3, (3, 32, 32), train_config=cfg).problems()[0][0] == "non_finite"
+
+    # heads train: the zoo's heads plus its own (held-out classes 6..9 in none of them)
+    assert main(["heads", "train", "--dataset", "cifar10", "--arch", "vit-s", "--classes", "0,1,2,3,4,5",
+                 "--max-classes", "4", "--tasks", "4", "--per-class", "6", "--steps", "5", "--hidden", "16",
+                 "--seed", "7", "--no-progress", *zoo]) == 0  # seed 0 would redraw zoo build's first heads: duplicates
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["head_zoo_tasks"] == 14
+    assert len(open_zoo(str(tmp_path / "zoo"), mode="r").query(tag=f"backbone:{bid[:12]}")) == 14

@@ -12,6 +12,9 @@ checkpoints never need to exist as files. The loop is the same shape: Adam over 
 The head zoo: for each task, k classes (k drawn from ``class_counts``) of the source classes, in
 random order, ``per_class`` support rows each; the head is shrinkage LDA with cross-validated
 shrinkage (``weightgen.heads.fit_lda``), recorded with its accuracy on the task's other rows.
+Heads are zoo entries (task parts: just the classifier, naming the backbone by id; ``zoo build
+--arch vit-s --backbone ID`` adds them), and the generator trains on every head of its backbone
+and dataset the zoo holds whose classes are all source classes.
 """
 from __future__ import annotations
 
@@ -70,6 +73,84 @@ def build_head_zoo(features, labels, source_classes: list[int], *, arch: str, in
         zoo.heads_b.append(b[0])
         zoo.query_acc.append(float((pred == yq).float().mean()) if len(yq) else float("nan"))
     return zoo
+
+
+def ingest_head_zoo(z, hz: HeadZoo, dataset: str, seed: int) -> dict:
+    """The head zoo's heads as zoo entries: task parts that name their backbone by id
+    (``train_config``: part, backbone_id, feature_dim; tag ``backbone:<id12>``), deduplicated by
+    content like any checkpoint. Returns ``Zoo.add``'s report."""
+    import math
+
+    from zoo import Checkpoint
+    from zoo.validate import HEAD_PART
+
+    cks = [Checkpoint({hz.weight_key: w.float().contiguous(), hz.bias_key: b.float().contiguous()}, hz.arch, len(cls),
+                      hz.input_shape, dataset=f"{dataset}:classes={','.join(map(str, cls))}", seed=seed,
+                      train_config={"part": HEAD_PART, "backbone_id": hz.backbone_id, "feature_dim": int(w.shape[1]),
+                                    "method": "shrinkage LDA, cross-validated shrinkage"},
+                      metrics={"test_acc": acc} if math.isfinite(acc) else {},
+                      tags=["head", f"backbone:{hz.backbone_id[:12]}"], source=f"heads:{hz.backbone_id[:12]}")
+           for cls, w, b, acc in zip(hz.classes, hz.heads_w, hz.heads_b, hz.query_acc)]
+    return z.add(cks)
+
+
+def head_zoo_from_zoo(z, backbone_id: str, dataset: str, features, labels, *, arch: str, input_shape,
+                      source_classes: list[int], weight_key="classifier.weight", bias_key="classifier.bias") -> HeadZoo:
+    """Every head of ``backbone_id`` on ``dataset`` in the zoo whose classes are all source
+    classes (held-out classes stay held out), read back as a ``HeadZoo`` to train on."""
+    from zoo.validate import HEAD_PART
+
+    recs = [r for r in z.query(tag=f"backbone:{backbone_id[:12]}", dataset=f"{dataset}:classes=*")
+            if (r.get("train_config") or {}).get("part") == HEAD_PART
+            and r["train_config"].get("backbone_id") == backbone_id]
+    allowed = set(source_classes)
+    recs = [r for r in recs if set(_classes_of(r["dataset"])) <= allowed]
+    hz = HeadZoo(arch, tuple(input_shape), backbone_id, features, labels, [], [], [], [], (2, 2), weight_key, bias_key)
+    for k in sorted({r["num_classes"] for r in recs}):
+        group = [r for r in recs if r["num_classes"] == k]
+        st = z.stack([r["id"] for r in group], [weight_key, bias_key])
+        for i, r in enumerate(group):
+            hz.classes.append(_classes_of(r["dataset"]))
+            hz.heads_w.append(st[weight_key][i].float())
+            hz.heads_b.append(st[bias_key][i].float())
+            hz.query_acc.append(float((r.get("metrics") or {}).get("test_acc", float("nan"))))
+    if hz.classes:
+        counts = [len(c) for c in hz.classes]
+        hz.class_counts = (min(counts), max(counts))
+    return hz
+
+
+def _classes_of(name: str) -> list[int]:
+    return [int(c) for c in name.split("classes=", 1)[1].split(",")]
+
+
+def build_from_cli(a, dataset: str) -> dict:
+    """``weightgen zoo build --arch vit-s --backbone ID --family cifar10-subsets``: heads on the
+    backbone's cached features, ``--tasks`` class sets per seed, ingested as zoo entries."""
+    from weightgen.backbones import FAMILIES, cached_features, family_of
+    from weightgen.data import load_dataset, parse_classes
+    from weightgen.paths import default_zoo
+    from zoo import open_zoo
+    from zoo.backbones import resolve_backbone
+
+    t0 = time.time()
+    z = open_zoo(a.zoo or default_zoo())
+    rec = resolve_backbone(z, a.backbone, a.arch)
+    task = load_dataset(dataset)
+    source = parse_classes(a.classes, dataset) if a.classes else list(range(task.num_classes))
+    feats, _ = cached_features(z, rec["id"], task.x_train, task.y_train, progress=not a.no_progress)
+    wkey = FAMILIES[family_of(rec["arch"])][2]
+    added, dup, accs = 0, 0, []
+    for s in range(a.seeds):
+        hz = build_head_zoo(feats, task.y_train, source, arch=rec["arch"], input_shape=task.input_shape,
+                            backbone_id=rec["id"], tasks=a.tasks, class_counts=(2, a.max_classes), per_class=a.per_class,
+                            seed=a.task_seed + s, weight_key=wkey, bias_key=wkey[:-len("weight")] + "bias",
+                            progress=not a.no_progress)
+        r = ingest_head_zoo(z, hz, dataset, a.task_seed + s)
+        added, dup, accs = added + len(r["ingested"]), dup + len(r["duplicate"]), accs + hz.query_acc
+    return {"arch": rec["arch"], "backbone": rec["id"], "dataset": dataset, "source_classes": source,
+            "ingested": added, "duplicate": dup, "mean_query_acc": round(sum(accs) / max(len(accs), 1), 4),
+            "seconds": round(time.time() - t0, 1)}
 
 
 def task_batch(zoo: HeadZoo, batch: int, cond_per_class: int, query_per_class: int, g: torch.Generator) -> dict:
@@ -157,10 +238,14 @@ def train_from_cli(a) -> dict:
     source = parse_classes(a.classes, a.dataset) if a.classes else list(range(task.num_classes))
     feats, _ = cached_features(z, rec["id"], task.x_train, task.y_train, progress=not a.no_progress)
     wkey = FAMILIES[family_of(rec["arch"])][2]
-    hz = build_head_zoo(feats, task.y_train, source, arch=rec["arch"], input_shape=task.input_shape,
-                        backbone_id=rec["id"], tasks=a.tasks, class_counts=(2, a.max_classes),
-                        per_class=a.per_class, seed=a.seed, weight_key=wkey, bias_key=wkey[:-len("weight")] + "bias",
-                        progress=not a.no_progress)
+    bkey = wkey[:-len("weight")] + "bias"
+    built = build_head_zoo(feats, task.y_train, source, arch=rec["arch"], input_shape=task.input_shape,
+                           backbone_id=rec["id"], tasks=a.tasks, class_counts=(2, a.max_classes),
+                           per_class=a.per_class, seed=a.seed, weight_key=wkey, bias_key=bkey,
+                           progress=not a.no_progress)
+    ingest_head_zoo(z, built, a.dataset, a.seed)  # the zoo is the source of truth: train on all it holds
+    hz = head_zoo_from_zoo(z, rec["id"], a.dataset, feats, task.y_train, arch=rec["arch"], input_shape=task.input_shape,
+                           source_classes=source, weight_key=wkey, bias_key=bkey)
     gen, hist = train_feature_head(hz, steps=a.steps, hidden=a.hidden, support_per_class=a.per_class, seed=a.seed,
                                    progress=not a.no_progress)
     name = a.name or f"feature-head-{rec['arch']}-{rec['id'][:8]}"

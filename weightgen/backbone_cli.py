@@ -30,6 +30,27 @@ def cmd_backbones(a) -> int:
     return 0
 
 
+def cmd_zoo_build_heads(a) -> int:
+    """``weightgen zoo build --arch vit-s --backbone ID --family cifar10-subsets``: a head zoo as zoo entries."""
+    from training.heads import build_from_cli
+    from weightgen.sampling import RequestError
+
+    if not a.family.endswith("-subsets"):
+        raise RequestError(f"--family for {a.arch} is DATASET-subsets (e.g. cifar10-subsets), got {a.family!r}")
+    print(json.dumps(build_from_cli(a, a.family.removesuffix("-subsets")), indent=1))
+    return 0
+
+
+def add_build_head_args(s, int_in) -> None:
+    """``zoo build``'s options for backbone archs."""
+    s.add_argument("--backbone", help="backbone archs (vit-s, vit-t, resnet-18): the stored backbone whose heads "
+                   "are built (default: the only one of --arch); --family is then DATASET-subsets")
+    s.add_argument("--classes", help="backbone archs: source classes the heads' class sets are drawn from")
+    s.add_argument("--max-classes", type=int_in(2, None, "--max-classes"), default=10)
+    s.add_argument("--per-class", type=int_in(1, None, "--per-class"), default=16,
+                   help="backbone archs: support rows per class each head is fitted on")
+
+
 def cmd_heads_train(a) -> int:
     from training.heads import train_from_cli
 

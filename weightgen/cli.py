@@ -156,9 +156,14 @@ def cmd_zoo_compact(a) -> int:
 
 
 def cmd_zoo_build(a) -> int:
+    from weightgen.archs import get_arch
     from weightgen.paths import default_zoo
     from zoo.population import PopulationConfig, build_population
 
+    if get_arch(a.arch).family in ("vit", "resnet"):  # task parts on a stored backbone (issue 10)
+        from weightgen.backbone_cli import cmd_zoo_build_heads
+
+        return cmd_zoo_build_heads(a)
     cfg = PopulationConfig(arch=a.arch, family=a.family, tasks=a.tasks, seeds=a.seeds, steps=a.steps,
                            k=a.k, task_seed=a.task_seed, device=a.device)
     summary = build_population(cfg, a.zoo or default_zoo(), show_progress=not a.no_progress, workers=a.workers)
@@ -318,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=_int_in(1, None, "--workers"), default=1,
                    help="N > 1: one vectorized shard of the tasks per Ray task (or a Ray cluster via RAY_ADDRESS), "
                         "each committing its own checkpoints")
+    from weightgen.backbone_cli import add_build_head_args
+
+    add_build_head_args(s, _int_in)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_zoo_build)
 

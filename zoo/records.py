@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from zoo.validate import check_metadata, validate_tensors
+from zoo.validate import HEAD_PART, check_metadata, validate_head, validate_tensors
 
 RECORD_FIELDS = ("id", "arch", "dataset", "num_classes", "input_shape", "seed", "run_id", "step", "train_config",
                  "metrics", "tags", "instructions", "source", "created_at", "dtypes")
@@ -94,7 +94,10 @@ class Checkpoint:
                              metrics=self.metrics, tags=self.tags, instructions=self.instructions,
                              source=self.source)
         if not bad and tensors:
-            bad = validate_tensors(self.tensors, self.arch, self.num_classes, self.input_shape)
+            if isinstance(self.train_config, dict) and self.train_config.get("part") == HEAD_PART:
+                bad = validate_head(self.tensors, self.arch, self.num_classes, self.train_config)
+            else:
+                bad = validate_tensors(self.tensors, self.arch, self.num_classes, self.input_shape)
         return bad
 
     def record(self) -> dict:

@@ -83,6 +83,50 @@ def validate_tensors(tensors: dict[str, torch.Tensor], arch: str, num_classes: i
     return problems
 
 
+HEAD_PART = "head"  # train_config["part"] of a task part stored apart from its backbone (issue 10)
+
+
+def validate_head(tensors: dict, arch: str, num_classes: int, train_config: dict) -> list[tuple[str, str]]:
+    """A task part of a backbone arch: only its classifier, ``(K, D)`` weight and ``(K,)`` bias,
+    where D is the backbone's feature width (``train_config["feature_dim"]``) and
+    ``train_config["backbone_id"]`` names the stored backbone it belongs to. The rest of the model
+    is the backbone, stored once (``zoo.backbones``), so a head zoo costs kilobytes per entry."""
+    from weightgen.backbones import FAMILIES, BackboneError, family_of
+
+    try:
+        wkey = FAMILIES[family_of(arch)][2]
+    except (BackboneError, ValueError) as e:
+        return [("bad_part", f"only backbone archs have task parts: {e}")]
+    bid, dim = train_config.get("backbone_id"), train_config.get("feature_dim")
+    if not (isinstance(bid, str) and 8 <= len(bid) <= 64 and all(c in "0123456789abcdef" for c in bid)):
+        return [("bad_part", f"train_config.backbone_id must be a backbone id (hex), got {bid!r}")]
+    if not _is_int(dim) or dim < 1:
+        return [("bad_part", f"train_config.feature_dim must be a positive int, got {dim!r}")]
+    spec = {wkey: ((num_classes, dim), torch.float32), wkey[:-len("weight")] + "bias": ((num_classes,), torch.float32)}
+    declared = {n: (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else ((), None) for n, t in tensors.items()}
+    problems = _check_parts(declared, spec)
+    for n, t in tensors.items():
+        if n in spec and isinstance(t, torch.Tensor) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            problems.append(("non_finite", f"{n} contains NaN or Inf"))
+    return problems
+
+
+def _check_parts(declared: dict, spec: dict) -> list[tuple[str, str]]:
+    problems = []
+    missing, extra = sorted(set(spec) - set(declared)), sorted(set(declared) - set(spec))
+    if missing:
+        problems.append(("missing_keys", f"a head part needs {sorted(spec)}; missing {missing}"))
+    if extra:
+        problems.append(("unexpected_keys", f"a head part holds only {sorted(spec)}; unexpected {extra[:3]}"))
+    for name in sorted(set(spec) & set(declared)):
+        shape, dtype = declared[name]
+        if tuple(shape) != spec[name][0]:
+            problems.append(("shape_mismatch", f"{name}: expected {list(spec[name][0])}, got {list(shape)}"))
+        if dtype is None or not dtype.is_floating_point or dtype not in STORABLE_DTYPES:
+            problems.append(("bad_dtype", f"{name}: expected a float tensor, got {dtype}"))
+    return problems
+
+
 # --------------------------------------------------------------------------- metadata
 
 

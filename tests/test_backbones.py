@@ -381,3 +381,38 @@ def test_head_zoo_entries_name_their_backbone_and_feed_heads_train(tmp_path, mon
     trained = json.loads(capsys.readouterr().out)
     assert trained["head_zoo_tasks"] == 14
     assert len(open_zoo(str(tmp_path / "zoo"), mode="r").query(tag=f"backbone:{bid[:12]}")) == 14
+
+
+def test_folder_images_go_through_the_backbones_preprocessing(tmp_path, monkeypatch, capsys):
+    """Issue 10 item 5: `folder:PATH` image datasets work with backbone archs, through the backbone's
+    own preprocessing (the same tensors ViTImageProcessor makes from the same images)."""
+    from PIL import Image
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    from weightgen.backbones import preprocess
+    from weightgen.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    colours = {"apple": (200, 30, 30), "grass": (30, 200, 30), "sky": (30, 30, 200)}
+    for split, n in (("train", 12), ("test", 6)):
+        for name, rgb in colours.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                px = np.clip(np.array(rgb)[None, None] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(root / split / name / f"{i}.png")
+    zoo = ["--zoo", str(tmp_path / "zoo")]
+    assert main(["zoo", "add-backbone", str(tiny_vit(tmp_path / "vit")), "--arch", "vit-s", *zoo]) == 0
+    out = tmp_path / "d"
+    assert main(["sample", "--arch", "vit-s", "--dataset", f"folder:{root}", "--out", str(out), *zoo]) == 0
+    capsys.readouterr()
+    model = _check_folder(out, ViTForImageClassification, sorted(colours))
+    proc = ViTImageProcessor.from_pretrained(str(out))
+    task = load_dataset(f"folder:{root}")
+    files = sorted((root / "test").glob("*/*.png"))
+    theirs = proc([Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
+    ours = preprocess(task.x_test, json.loads((out / "preprocessor_config.json").read_text()), 3)
+    assert torch.allclose(ours, theirs, atol=1e-5)  # the same model inputs, whichever way the images come in
+    with torch.no_grad():
+        acc = float((model(pixel_values=theirs).logits.argmax(-1) == task.y_test).float().mean())
+    assert acc > 0.6  # three colour-coded classes: chance is 1/3

@@ -125,9 +125,11 @@ def test_queries_run_on_the_index_and_ls_pages(tmp_path):
     ]
     sidecars = list((tmp_path / "zoo/index/parts").glob("*.filters"))
     assert sidecars, "folded parts carry their filters file"
-    for without in (False, True):  # parts written before filters files existed are read from Parquet
-        if without:
-            for f in sidecars:
+    for state in ("mapped", "unreadable", "absent"):  # parts written before filters files existed: Parquet
+        for f in sidecars:
+            if state == "unreadable":
+                f.write_bytes(b"not an arrow file")
+            elif state == "absent":
                 f.unlink()
         z = Zoo(str(tmp_path / "zoo"), mode="r")
         for filt, want in scan:
@@ -135,6 +137,7 @@ def test_queries_run_on_the_index_and_ls_pages(tmp_path):
             assert sorted(r["id"] for r in got) == sorted(r["id"] for r in want) and want != [] or \
                 not filt.get("metrics") or filt["metrics"][0][0] == "nope", filt
             assert z.count(**filt) == len(want)
+        assert z.count(metrics=[["test_acc", 0.25, 0.5]]) == len([r for r in recs if 0.25 <= r["metrics"]["test_acc"] <= 0.5])
         assert z.count(tag="t1", instruction="run 1", arch="mlp-s") == \
             len([r for r in recs if "t1" in r["tags"] and any("run 1" in s.lower() for s in r["instructions"])])
     everything = [r["id"] for r in z.query()]

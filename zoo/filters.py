@@ -25,7 +25,7 @@ from zoo import events as ev
 CODED = ("arch", "dataset", "shape", "cid", "seg")  # few distinct values: dictionary-encoded in the filters file
 LISTS = ("tags", "instructions")
 LOCATE = ("id", "cid", "seg", "row")  # where an entry's tensors are: `load` and `stack` read these per row
-COLUMNS = CODED + ("num_classes", "id", "row") + LISTS  # and every metric column (``ev.METRIC_PREFIX``)
+COLUMNS = ("arch", "dataset", "shape", "num_classes") + LISTS + LOCATE  # and every metric (``ev.METRIC_PREFIX``)
 SUFFIX = ".filters"  # one extension, so gc's part-name rule keeps it with its part
 
 
@@ -47,7 +47,8 @@ class Filters:
         return cols + [ev.METRIC_PREFIX + m for m, _, _ in self.metrics]
 
     def key(self) -> tuple:
-        return (self.arch, self.dataset, self.tag, self.instruction, tuple(self.metrics), self.num_classes, self.shape)
+        return (self.arch, self.dataset, self.tag, self.instruction, tuple(tuple(m) for m in self.metrics),
+                self.num_classes, self.shape)
 
     def mask(self, t: pa.Table, m: np.ndarray | None = None) -> np.ndarray:
         """Rows of ``t`` matching (and set in ``m``): whole-column filters first, list filters
@@ -148,5 +149,5 @@ def open_filters(zoo, part_key: str) -> pa.Table | None:
             return pa.ipc.open_file(pa.memory_map(src)).read_all()
         with src:
             return pa.ipc.open_file(pa.BufferReader(src.read())).read_all()
-    except (FileNotFoundError, OSError):
+    except (OSError, pa.ArrowInvalid):  # absent (an older part), or unreadable: Parquet has every column
         return None

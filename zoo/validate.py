@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -102,29 +103,20 @@ def validate_head(tensors: dict, arch: str, num_classes: int, train_config: dict
         return [("bad_part", f"train_config.backbone_id must be a backbone id (hex), got {bid!r}")]
     if not _is_int(dim) or dim < 1:
         return [("bad_part", f"train_config.feature_dim must be a positive int, got {dim!r}")]
-    spec = {wkey: ((num_classes, dim), torch.float32), wkey[:-len("weight")] + "bias": ((num_classes,), torch.float32)}
-    declared = {n: (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else ((), None) for n, t in tensors.items()}
-    problems = _check_parts(declared, spec)
+    spec = {wkey: _Spec((num_classes, dim), torch.float32), wkey[:-len("weight")] + "bias": _Spec((num_classes,), torch.float32)}
+    bad = [("not_a_tensor", f"{n} is {type(t).__name__}") for n, t in tensors.items() if not isinstance(t, torch.Tensor)]
+    problems = bad + check_declared({n: (tuple(t.shape), t.dtype) for n, t in tensors.items()
+                                     if isinstance(t, torch.Tensor)}, spec)
     for n, t in tensors.items():
         if n in spec and isinstance(t, torch.Tensor) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             problems.append(("non_finite", f"{n} contains NaN or Inf"))
     return problems
 
 
-def _check_parts(declared: dict, spec: dict) -> list[tuple[str, str]]:
-    problems = []
-    missing, extra = sorted(set(spec) - set(declared)), sorted(set(declared) - set(spec))
-    if missing:
-        problems.append(("missing_keys", f"a head part needs {sorted(spec)}; missing {missing}"))
-    if extra:
-        problems.append(("unexpected_keys", f"a head part holds only {sorted(spec)}; unexpected {extra[:3]}"))
-    for name in sorted(set(spec) & set(declared)):
-        shape, dtype = declared[name]
-        if tuple(shape) != spec[name][0]:
-            problems.append(("shape_mismatch", f"{name}: expected {list(spec[name][0])}, got {list(shape)}"))
-        if dtype is None or not dtype.is_floating_point or dtype not in STORABLE_DTYPES:
-            problems.append(("bad_dtype", f"{name}: expected a float tensor, got {dtype}"))
-    return problems
+@dataclass(frozen=True)
+class _Spec:  # the two fields of weightgen.archs.TensorSpec that check_declared reads
+    shape: tuple
+    dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------- metadata

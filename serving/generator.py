@@ -11,6 +11,7 @@ always a 4xx; their messages never carry server paths (``show_server_paths`` asi
 """
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
@@ -198,8 +199,6 @@ class GeneratorDeployment:
     def _generate_backbone(self, req: dict, batch_size: int) -> dict:
         """``sample_on_backbone`` over HTTP: the whole model's safetensors, or (``parts: task``)
         just the generated tensors; config, preprocessing and manifest in the safetensors metadata."""
-        import hashlib
-
         from safetensors.torch import save
 
         from weightgen.backbone_sampling import model_files, sample_on_backbone
@@ -222,18 +221,27 @@ class GeneratorDeployment:
         meta = {"weightgen": self._scrub(json.dumps({"config": cfg, "preprocessor_config": prep, "manifest": manifest,
                                                      "parts": req.get("parts", "all")}, sort_keys=True))}
         body = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
-        m = r.manifest
-        return {"body": body, "headers": {
+        return {"body": body, "headers": {**self._headers(body, r.manifest, batch_size),
+                                          "X-Weightgen-Backbone": bid, "X-Weightgen-Parts": req.get("parts", "all"),
+                                          "X-Weightgen-Head": r.manifest["head_used"]}}
+
+    def _headers(self, body: bytes, m: dict, batch_size: int) -> dict:
+        """The X-Weightgen-* headers every generated response carries (raw values; the ingress
+        encodes them for HTTP), from its manifest ``m``."""
+        def acc(key):
+            return "" if m.get(key) is None else f"{m[key]:.6f}"
+
+        return {
             "X-Weightgen-Sha256": hashlib.sha256(body).hexdigest(),
             "X-Weightgen-Generator": m["generator"] or "", "X-Weightgen-Arch": m["arch"],
-            "X-Weightgen-Backbone": bid, "X-Weightgen-Parts": req.get("parts", "all"),
-            "X-Weightgen-Head": m["head_used"],
             "X-Weightgen-Dataset": m["dataset"], "X-Weightgen-Num-Classes": str(m["num_classes"]),
             "X-Weightgen-Input-Shape": json.dumps(m["input_shape"]), "X-Weightgen-Seed": str(m["seed"]),
-            "X-Weightgen-Support-Accuracy": f"{m['support_accuracy']:.6f}",
-            "X-Weightgen-Predicted-Accuracy": "" if m["predicted_accuracy"] is None else f"{m['predicted_accuracy']:.6f}",
+            "X-Weightgen-Support-Accuracy": acc("support_accuracy"),
+            "X-Weightgen-Predicted-Accuracy": acc("predicted_accuracy"),
             "X-Weightgen-Seconds": str(m["seconds"]), "X-Weightgen-Batch-Size": str(batch_size),
-            "X-Weightgen-Warnings": json.dumps([self._scrub(w) for w in m.get("warnings", [])])}}
+            # what the generator was not trained for (class count, input distribution): flagged, not hidden
+            "X-Weightgen-Warnings": json.dumps([self._scrub(w) for w in m.get("warnings", [])]),
+        }
 
     # Concurrent requests arrive as a batch but are sampled one after another, not as one joint
     # call: joint would be up to 1.85x faster for n = 1 requests, but a request's bytes would then
@@ -282,8 +290,6 @@ class GeneratorDeployment:
         return _err(*too_much) if too_much else task
 
     def _generate_one(self, loaded, req: dict, batch_size: int) -> dict:
-        import hashlib
-
         from safetensors.torch import save
 
         from weightgen.sampling import sample
@@ -307,19 +313,9 @@ class GeneratorDeployment:
         body = save({k: v.contiguous() for k, v in r.state_dict.items()}, metadata=meta)
         m = r.manifest
         novelty = (m.get("novelty") or {}).get("ratio")
-        headers = {  # raw values; the ingress encodes them for HTTP
-            "X-Weightgen-Sha256": hashlib.sha256(body).hexdigest(),
-            "X-Weightgen-Generator": m["generator"], "X-Weightgen-Arch": m["arch"],
-            "X-Weightgen-Dataset": m["dataset"], "X-Weightgen-Num-Classes": str(m["num_classes"]),
-            "X-Weightgen-Input-Shape": json.dumps(m["input_shape"]), "X-Weightgen-Seed": str(m["seed"]),
-            "X-Weightgen-Support-Accuracy": "" if m["support_accuracy"] is None else f"{m['support_accuracy']:.6f}",
-            "X-Weightgen-Predicted-Accuracy": "" if m["predicted_accuracy"] is None else f"{m['predicted_accuracy']:.6f}",
-            "X-Weightgen-Novelty": "" if novelty is None else f"{novelty:.6f}",
-            "X-Weightgen-Zoo-Snapshot": str(m.get("zoo_snapshot")), "X-Weightgen-Seconds": str(m["seconds"]),
-            "X-Weightgen-Batch-Size": str(batch_size),
-            # what the generator was not trained for (class count, input distribution): flagged, not hidden
-            "X-Weightgen-Warnings": json.dumps([self._scrub(w) for w in m.get("warnings", [])]),
-        }
+        headers = {**self._headers(body, m, batch_size),
+                   "X-Weightgen-Novelty": "" if novelty is None else f"{novelty:.6f}",
+                   "X-Weightgen-Zoo-Snapshot": str(m.get("zoo_snapshot"))}
         return {"body": body, "headers": headers}
 
     # ---------------------------------------------------------------- catalogue
@@ -350,8 +346,6 @@ class GeneratorDeployment:
         return {"total": total, "records": recs}
 
     def zoo_checkpoint(self, ckpt_id: str) -> dict:
-        import hashlib
-
         from safetensors.torch import save
 
         from weightgen.archs import model_config

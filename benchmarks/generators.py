@@ -98,10 +98,13 @@ def text_targets(res: dict, generator: str) -> list[tuple[str, str, bool]]:
     if generator + "/instruction" not in s:
         return []
     info, scratch = res["generators"][generator], s["scratch"]["mean"]
-    ins = s[generator + "/instruction"]
+    ins, pure = s[generator + "/instruction"], s.get(generator + "/instruction/generated")
+    how = (f"class memory + fitted head, best-of-n {100 * ins['best']:.1f} %; pure generator on the same memory "
+           f"{100 * pure['mean']:.1f} / {100 * pure['best']:.1f} %" if pure else
+           f"best by likelihood {100 * ins['best']:.1f} %")
     out = [("instruction only (held-out phrasing, no data): mean ≥ 0.85 × scratch",
-            f"{ins['mean'] / scratch:.3f} × ({100 * ins['mean']:.1f} vs {100 * scratch:.1f} %; best by likelihood "
-            f"{100 * ins['best']:.1f} %; chance {100 / 5:.0f} %)", ins["mean"] >= 0.85 * scratch)]
+            f"{ins['mean'] / scratch:.3f} × ({100 * ins['mean']:.1f} vs {100 * scratch:.1f} %; {how}; "
+            f"chance {100 / 5:.0f} %)", ins["mean"] >= 0.85 * scratch)]
     from weightgen.sampling import default_generators
 
     others = [g.name for g in default_generators() if g.name in res["generators"] and f"{g.name}/instruction" not in s]

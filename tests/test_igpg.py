@@ -46,7 +46,11 @@ def test_instruction_only_request(use_tiny_home, tmp_path, capsys):
     assert "no data was given" in err
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["num_classes"] == 3 and m["class_names"] == ["2", "7", "9"] and m["dataset"] is None
-    assert m["instruction_used"] and m["predicted_accuracy"] is None and "likelihood" in m["selection_basis"]
+    assert m["instruction_used"] and m["predicted_accuracy"] is None
+    # conditioned, fitted and selected on the generator's remembered training examples of 2, 7 and 9
+    # (declared), with the pure generator's own head measured beside it
+    assert m["support"]["source"] == "class memory" and m["head_used"] == "fit" and m["closed_form"]["head"]
+    assert "remembered training examples" in m["selection_basis"] and 0 <= m["generated_head_support_accuracy"] <= 1
     assert m["selected_index"] == m["candidates_score"].index(max(m["candidates_score"]))
     import weightgen
 
@@ -54,6 +58,38 @@ def test_instruction_only_request(use_tiny_home, tmp_path, capsys):
     assert model.fcs[-1].out_features == 3
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_class_memory_holds_training_examples_only_and_refuses_unknown_classes(tiny_home):
+    """The remembered examples come from the training tasks' train splits (never a test split, never a
+    held-out task's data beyond what training tasks share); a class the generator never saw is an
+    error naming the ones it knows; a generator without a memory falls back to its likelihood."""
+    import torch
+
+    from weightgen.data import load_dataset
+    from weightgen.generators.class_memory import ClassMemory, UnknownClassError
+    from weightgen.sampling import LIKELIHOOD, instruction_candidates, open_generator
+
+    gen = open_generator(tiny_home / "generators" / "igpg-tiny").model
+    tasks = json.loads((tiny_home / "generators" / "igpg-tiny" / "training_summary.json").read_text())["training_tasks"]
+    assert gen.remembered_classes
+    train = {n: set() for n in gen.remembered_classes}
+    test = set()
+    for t in tasks:
+        data = load_dataset(t)
+        names = [str(c) for c in t.split("classes=")[1].split(",")]
+        for c, n in enumerate(names):
+            train[n] |= {tuple(r) for r in data.x_train[data.y_train == c].tolist()}
+        test |= {tuple(r) for r in data.x_test.tolist()}
+    x, y = gen.remembered_support(gen.remembered_classes[:2])
+    for label, name in enumerate(gen.remembered_classes[:2]):
+        rows = {tuple(r) for r in x[y == label].tolist()}
+        assert rows <= train[name] and not rows & test
+    with pytest.raises(UnknownClassError, match="not among those this generator was trained on"):
+        gen.remembered_support([gen.remembered_classes[0], "cat"])
+    gen.memory = ClassMemory([], 1, (64,))  # as trained before it had one
+    c = instruction_candidates(gen, "mlp-s", (64,), "classify handwritten 2 and 7", ["2", "7"], 2)
+    assert c.score_basis == LIKELIHOOD and c.memory_per_class == 0 and torch.isfinite(c.score).all()
 
 
 def test_instruction_requests_that_cannot_be_served_are_clear(use_tiny_home, tmp_path, capsys):

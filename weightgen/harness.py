@@ -51,7 +51,7 @@ from weightgen.generators import Condition
 from weightgen.generators.common import decode_tokens
 from weightgen.instructions import EVAL_TEMPLATES, digits_from_dataset, phrase
 from weightgen.novelty import novelty_vs_zoo
-from weightgen.sampling import candidates
+from weightgen.sampling import candidates, instruction_candidates
 
 FT_STEPS = (0, 5, 10, 25, 50, 100)
 @dataclass
@@ -132,14 +132,15 @@ def generator_source(gen, head: str, input_profile: dict | None = None):
     return source
 
 
-def instruction_source(gen):
-    """A text-reading generator given only the task in words (held-out phrasing), no data; best-of-n
-    by its own likelihood, as ``weightgen sample`` without --dataset."""
+def instruction_source(gen, head: str = "fit"):
+    """A text-reading generator given only the task in words (held-out phrasing), no data, as
+    ``weightgen sample`` without --dataset runs it: conditioned on its class memory where it keeps
+    one (``head="generated"``: the pure generator's own head on that), else best by its likelihood."""
     def source(req: Request):
-        classes = digits_from_dataset(req.task.name)
-        cond = Condition(None, _eval_instruction(req.task, req.seed), class_names=[str(c) for c in classes],
-                         arch=req.arch)
-        return gen.sample_with_likelihood(cond, req.n, generator=torch.Generator().manual_seed(req.seed))
+        names = [str(c) for c in digits_from_dataset(req.task.name)]
+        c = instruction_candidates(gen, req.arch, req.shape, _eval_instruction(req.task, req.seed), names, req.n,
+                                   req.seed, head)
+        return c.sd, c.score
     return source
 
 
@@ -150,6 +151,8 @@ def methods_for(cfg: EvalConfig, gens: dict) -> dict:
         methods[name + "/generated"] = generator_source(g, "generated")
         if g.capabilities.text:
             methods[name + "/instruction"] = instruction_source(g)
+            if g.remembered_classes:
+                methods[name + "/instruction/generated"] = instruction_source(g, "generated")
     methods.update(baselines.BASELINES)
     if get_arch(cfg.arch).family != "mlp":  # the probes embed a linear rule in an MLP's ReLU units
         methods.pop("lda"), methods.pop("logreg")

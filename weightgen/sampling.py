@@ -28,6 +28,7 @@ from weightgen.data import TaskData, load_dataset
 from weightgen.encoders import group_support
 from weightgen.evaluate import accuracy_many
 from weightgen.generators import Condition, TrainedGenerator, class_by_name, read_trained, trained_generators
+from weightgen.generators.class_memory import UnknownClassError
 from weightgen.heads import HeadFit, fit_head
 from weightgen.registry import UnknownNameError
 from weightgen.shift import check_inputs
@@ -163,6 +164,7 @@ class Candidates:
     condition_per_class: int
     fit: HeadFit | None = None
     head_used: str = "fit"
+    memory_per_class: int = 0  # > 0: the support was the generator's class memory, not the user's data
 
 
 def candidates(gen, arch: str, k: int, shape, x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0,
@@ -313,6 +315,28 @@ def find_text_generator(arch: str, generator: str | None = None):
     return _preferred(texts)
 
 
+LIKELIHOOD = "the generator's own mean log-likelihood of the sample (no data to measure on)"
+
+
+def instruction_candidates(gen, arch: str, shape, instruction: str | None, names: list[str], n: int, seed: int = 0,
+                           head: str = "fit", text_encoder: str | None = None) -> Candidates:
+    """n candidates for a task given as class names (and an instruction) without data. A generator
+    with a class memory is conditioned on its remembered examples of those classes, which also fit
+    the closed-form head (``head="fit"``) and score best-of-n, as a user's support would; one
+    without is sampled from the words alone and scored by its own likelihood. Shared by
+    ``sample_from_instruction`` and the eval harness."""
+    mem = gen.remembered_support(names)
+    if mem is not None:
+        c = candidates(gen, arch, len(names), shape, *mem, n, seed, head, instruction, class_names=names,
+                       text_encoder=text_encoder)
+        c.score_basis += " of the generator's remembered training examples of these classes"
+        c.memory_per_class = int(len(mem[1]) // len(names))
+        return c
+    cond = Condition(None, instruction, class_names=names, arch=arch, extra={"text_encoder": text_encoder})
+    sd, loglik = gen.sample_with_likelihood(cond, n, generator=torch.Generator().manual_seed(seed))
+    return Candidates(sd, loglik, LIKELIHOOD, torch.full_like(loglik, float("nan")), 0, head_used="generated")
+
+
 def sample_from_instruction(arch: str, instruction: str | None, generator: str | LoadedGenerator | None = None,
                             n: int = 8, select: str = "best", seed: int = 0, novelty: bool = True,
                             text_encoder: str | None = None) -> SampleResult:
@@ -341,22 +365,33 @@ def sample_from_instruction(arch: str, instruction: str | None, generator: str |
     if why:
         raise GeneratorMismatchError(f"Generator {info['name']!r} {why}")
     text = text_conditions(gen, instruction, text_encoder)
-    cond = Condition(None, instruction, class_names=[str(c) for c in classes], arch=arch,
-                     extra={"text_encoder": text_encoder})
-    sd, loglik = gen.sample_with_likelihood(cond, n, generator=torch.Generator().manual_seed(seed))
-    pick = int(torch.argmax(loglik)) if select == "best" else 0
-    one = {name: v[pick][None].contiguous() for name, v in sd.items()}
+    names = [str(c) for c in classes]
+    try:
+        c = instruction_candidates(gen, arch, shape, instruction, names, n, seed, "fit", text_encoder)
+    except UnknownClassError as e:
+        raise GeneratorMismatchError(f"Generator {info['name']!r}: {e}") from None
+    pick = int(torch.argmax(c.score)) if select == "best" else 0
+    one = {name: v[pick][None].contiguous() for name, v in c.sd.items()}
+    remembered = c.memory_per_class > 0
     manifest = {
         "weightgen_version": __version__, "generator": info["name"], "generator_class": info["class"],
         "zoo_snapshot": info["zoo_snapshot"], "arch": arch, "dataset": None, "num_classes": k,
-        "input_shape": list(shape), "class_names": [str(c) for c in classes], "seed": seed, "n": n, "select": select,
+        "input_shape": list(shape), "class_names": names, "seed": seed, "n": n, "select": select,
         "selected_index": pick, "instruction": instruction, "instruction_used": True,
-        "conditions": {"features": None, "text": text},
-        "selection_basis": "the generator's own mean log-likelihood of the sample (no data to measure on)",
-        "candidates_score": [round(float(s), 4) for s in loglik], "head": "generated", "head_used": "generated",
-        "closed_form": {}, "trained_on": {**gen.trained_for(), "tasks": loaded.training_tasks},
-        "warnings": ["no data was given: the weights were generated from the instruction alone and no accuracy is "
-                     "predicted; give --dataset to condition, fit and measure on examples"],
+        "conditions": {"features": gen.config.get("feature", "raw") if remembered else None, "text": text},
+        "support": ({"source": "class memory", "what": "examples of the named classes kept from the generator's "
+                     "training tasks' train splits (not your data)", "examples_per_class": c.memory_per_class}
+                    if remembered else None),
+        "selection_basis": c.score_basis, "candidates_score": [round(float(s), 4) for s in c.score],
+        "head": "fit" if c.fit else "generated", "head_used": c.head_used,
+        "closed_form": {"head": c.fit.describe(pick)} if c.fit else {},
+        "generated_head_support_accuracy": float(c.generated_support_accuracy[pick]) if remembered else None,
+        "trained_on": {**gen.trained_for(), "tasks": loaded.training_tasks},
+        "warnings": ["no data was given: the weights were generated from the instruction" +
+                     (" and the generator's remembered training examples of these classes (its fitted head and "
+                      "selection used those, not your data)" if remembered else " alone") +
+                     "; no accuracy is predicted for your data; give --dataset to condition, fit and measure on "
+                     "examples"],
         "support_size": 0, "support_accuracy": None, "predicted_accuracy": None, "predicted_accuracy_interval": None,
         "predicted_accuracy_n": 0, "predicted_accuracy_basis": "none: no data", "refine_steps": 0, "zero_shot": True,
         "seconds": round(time.time() - t0, 3)}
@@ -364,8 +399,8 @@ def sample_from_instruction(arch: str, instruction: str | None, generator: str |
         from weightgen.novelty import novelty_vs_zoo
 
         manifest["novelty"] = novelty_vs_zoo(gen, info, arch, k, shape, one, None, ref_dir=loaded.path)
-    cfg = model_config(arch, k, shape, dataset=None, class_names=[str(c) for c in classes])
-    return SampleResult({name: v[0] for name, v in one.items()}, cfg, manifest, [float(s) for s in loglik])
+    cfg = model_config(arch, k, shape, dataset=None, class_names=names)
+    return SampleResult({name: v[0] for name, v in one.items()}, cfg, manifest, [float(s) for s in c.score])
 
 
 def write(result: SampleResult, out_dir: str | Path) -> Path:

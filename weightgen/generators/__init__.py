@@ -25,7 +25,7 @@ from weightgen.registry import Registry, UnknownNameError
 
 GENERATORS: Registry = Registry("generator")
 PRESETS: dict[str, tuple[str, dict]] = {}  # preset name -> (generator name, config overrides)
-_NOT_GENERATORS = {"base", "common", "diffusers_api", "zoo_data"}
+_NOT_GENERATORS = {"base", "class_memory", "common", "diffusers_api", "zoo_data"}
 _loaded = False
 
 

@@ -65,6 +65,17 @@ class WeightGenerator(ModelMixin, ConfigMixin):
         what it returns is recorded in the training summary under ``stage_metrics``."""
         return None
 
+    @property
+    def remembered_classes(self) -> list[str]:
+        """Names of the classes it keeps examples of (see ``remembered_support``)."""
+        return []
+
+    def remembered_support(self, class_names: list[str]):
+        """(x, y) examples of the named classes that the generator kept from its training data
+        (``weightgen.generators.class_memory``), for requests that name classes but give no data;
+        None when it keeps none."""
+        return None
+
     def weight_stats(self, arch: str | None = None):
         """The ``WeightStats`` (standardization, alignment reference) of the weights it makes for ``arch``."""
         return self.stats

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from weightgen.encoders import FEATURES, DatasetEncoder
 from weightgen.generators import Condition, register_generator, register_preset
 from weightgen.generators.base import Capabilities, WeightGenerator
+from weightgen.generators.class_memory import ClassMemory
 from weightgen.generators.common import TokenIds, WeightStats, decode_tokens, layout_for, masked_mse
 from weightgen.generators.diffusers_api import register_to_config
 from weightgen.instructions import NUMBER_WORDS
@@ -97,7 +98,8 @@ class IGPG(WeightGenerator):
                  n_layer: int = 4, n_head: int = 4, cond_dim: int = 128, cond_depth: int = 2, max_classes: int = 10,
                  max_codes: int = 1024, text_encoder: str = "minilm-l6", text_encoder_version: str = "",
                  text_dim: int = 384, p_drop: float = 0.3, support_per_class: int = 10, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, quantize_dropout: bool = False, prior_levels: int = 0):
+                 top_k: int = 0, top_p: float = 1.0, quantize_dropout: bool = False, prior_levels: int = 0,
+                 memory_names: list | None = None, memory_per_class: int = 64):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -108,6 +110,7 @@ class IGPG(WeightGenerator):
                           quantize_dropout)
         self.levels = prior_levels or vq_levels  # levels of each token's code the prior models
         self.features = FEATURES.get(feature)(tuple(input_shape))
+        self.memory = ClassMemory(memory_names or [], memory_per_class, tuple(input_shape))
         self.encoder = DatasetEncoder(self.features.dim, cond_dim, cond_depth)
         self.arch_emb = nn.Embedding(len(archs), d_model)
         self.text_proj, self.name_proj = nn.Linear(text_dim, d_model), nn.Linear(text_dim, d_model)
@@ -128,7 +131,8 @@ class IGPG(WeightGenerator):
 
         parts = getattr(data, "parts", [data])
         enc = text_encoder(config.get("text_encoder", "minilm-l6"))
-        model = cls(arch=parts[0].arch, input_shape=tuple(parts[0].input_shape),
+        names, examples = ClassMemory.collect(data, config.get("memory_per_class", 64))
+        model = cls(memory_names=names, arch=parts[0].arch, input_shape=tuple(parts[0].input_shape),
                     archs=[[p.arch, list(p.input_shape)] for p in parts], train_num_classes=parts[0].num_classes,
                     mode=parts[0].mode, token_dim=parts[0].layout.token_dim,
                     stat_names={p.arch: list(p.layout.keys) for p in parts},
@@ -139,6 +143,7 @@ class IGPG(WeightGenerator):
                     text_encoder_version=enc.version, text_dim=enc.dim, **config)
         for p in parts:
             model.stats[_key(p.arch)].set(p.standardizer, p.align_ref)
+        model.memory.fill(examples)
         return model
 
     @property
@@ -183,6 +188,13 @@ class IGPG(WeightGenerator):
         from weightgen.xbt import encode_for
 
         return encode_for(texts, self.config.text_encoder, via)[0].to(self.type_emb.device)
+
+    @property
+    def remembered_classes(self) -> list[str]:
+        return list(self.memory.names)
+
+    def remembered_support(self, class_names: list[str]):
+        return self.memory.recall(class_names) if len(self.memory) else None
 
     def prefix(self, arch_idx: int, texts: list[str | None], support: torch.Tensor | None,
                names: list[list[str]] | None, drop_text=None, drop_data=None, via: str | None = None) -> torch.Tensor:

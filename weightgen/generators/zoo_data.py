@@ -87,12 +87,18 @@ class ZooWeights:
             out.append(options[int(torch.randint(len(options), (1,), generator=generator))] if options else "")
         return out
 
-    def class_names(self, rows: torch.Tensor) -> list[list[str]]:
-        """Per row, the name of each label's class (digit subsets: the digits), for class-name conditioning."""
+    def _names(self, dataset: str) -> list[str]:
         from weightgen.instructions import digits_from_dataset
 
-        return [[str(c) for c in (digits_from_dataset(self.datasets[r]) or range(self.num_classes))]
-                for r in rows.tolist()]
+        return [str(c) for c in (digits_from_dataset(dataset) or range(self.num_classes))]
+
+    def class_names(self, rows: torch.Tensor) -> list[list[str]]:
+        """Per row, the name of each label's class (digit subsets: the digits), for class-name conditioning."""
+        return [self._names(self.datasets[r]) for r in rows.tolist()]
+
+    def task_class_names(self) -> list[list[str]]:
+        """Per task (``self.tasks`` order), the name of each label's class."""
+        return [self._names(t) for t in self.tasks]
 
     def task_inputs(self) -> list[torch.Tensor]:
         """Each zoo task's train-split inputs (N_t, *input_shape), in ``self.tasks`` order."""

@@ -298,6 +298,41 @@ def test_feature_head_contract_loss_falls_samples_reload_and_follow_class_order(
     assert torch.allclose(c["classifier.weight"][0], a["classifier.weight"][0][perm], atol=1e-5)
 
 
+def test_feature_head_reads_class_means_through_the_source_covariance(tmp_path, whiten=None):
+    """Features whose classes differ along low-variance directions while a shared, strongly
+    correlated noise dominates (as backbone features do): nearest class mean is fooled by the noise,
+    the shared-covariance rule is not. The generator learns the within-class covariance from its
+    source classes (shrinkage chosen on source tasks only) and its untrained heads for *held-out*
+    classes beat nearest class mean; the covariance survives save and reload."""
+    from training.heads import build_head_zoo
+    from weightgen.generators import Condition, get_generator_class, resolve_preset
+
+    g = torch.Generator().manual_seed(0)
+    d, classes = 16, 10
+    mix = torch.randn(d, d, generator=g) * torch.logspace(1, -1, d)  # anisotropic shared noise
+    centres = torch.randn(classes, d, generator=g)
+    y = torch.arange(classes).repeat_interleave(120)
+    f = centres[y] + torch.randn(len(y), d, generator=g) @ mix.T
+    src, held = list(range(6)), [6, 7, 8, 9]
+    keep = torch.isin(y, torch.tensor(src))
+    hz = build_head_zoo(f[keep], y[keep], src, arch="vit-s", input_shape=(3, 32, 32), backbone_id="cd" * 32,
+                        tasks=20, class_counts=(2, 4), per_class=16, progress=False)
+    _, cfg = resolve_preset("feature-head-tiny")
+    extra = {} if whiten is None else {"whiten_shrinkage": whiten}  # whiten=0.0: without it (must fail)
+    gen = get_generator_class("feature-head").from_zoo(hz, **cfg, support_per_class=16, **extra).eval()
+    sup = torch.stack([f[y == c][:16] for c in held])
+    qry, qy = torch.cat([f[y == c][16:] for c in held]), torch.arange(4).repeat_interleave(104)
+    out = gen.sample(Condition(sup), 1)
+    w, b = out["classifier.weight"][0], out["classifier.bias"][0]
+    generated = float(((qry @ w.T + b).argmax(-1) == qy).float().mean())
+    ncm = float((torch.cdist(qry, sup.mean(1)).argmin(-1) == qy).float().mean())
+    assert generated > ncm + 0.1, (generated, ncm)
+    assert gen.config.whiten_shrinkage > 0
+    gen.save_pretrained(str(tmp_path / "fh"))
+    again = get_generator_class("feature-head").from_pretrained(str(tmp_path / "fh")).eval()
+    assert torch.equal(again.whiten, gen.whiten) and again.config.whiten_shrinkage == gen.config.whiten_shrinkage
+
+
 def test_backbone_train_on_cpu_adds_a_usable_backbone(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WEIGHTGEN_DATA", str(write_cifar(tmp_path / "data")))
     zoo = ["--zoo", str(tmp_path / "zoo")]

@@ -40,10 +40,15 @@ def test_a_projection_maps_new_into_old_and_records_both(projection):
     assert cfg["old_version"] == text_encoder("minilm-l6").version and cfg["new_version"]
     assert list(projection.glob("*.safetensors")) and not list(projection.glob("*.bin"))
     proj = Projection.from_pretrained(str(projection)).eval()
+    assert cfg["tokens"], "reads the new encoder's token states by default"
     texts = corpus(30, 0, 60)[:64]
-    old, new = text_encoder("minilm-l6").encode(texts), text_encoder("paraphrase-minilm-l3").encode(texts)
-    with torch.no_grad():
-        assert (proj(new) * old).sum(-1).mean() > (new * old).sum(-1).mean() + 0.3, "closer to old than raw new"
+    enc_new = text_encoder("paraphrase-minilm-l3")
+    old, new = text_encoder("minilm-l6").encode(texts), enc_new.encode(texts)
+    assert (proj.embed(enc_new, texts) * old).sum(-1).mean() > (new * old).sum(-1).mean() + 0.3, \
+        "closer to old than raw new"
+    # padding does not change a text's projection: alone or beside a longer one, the same embedding
+    one, two = proj.embed(enc_new, texts[:1]), proj.embed(enc_new, [texts[0], texts[-1] * 3])
+    assert torch.allclose(one[0], two[0], atol=1e-5)
 
 
 def test_sampling_uses_the_projection_and_says_so(projection, use_tiny_home, tmp_path, capsys, monkeypatch):
@@ -73,6 +78,5 @@ def test_sampling_uses_the_projection_and_says_so(projection, use_tiny_home, tmp
     gen = load_generator(str(find_generator("mlp-s", (64,), "igpg-tiny"))).model
     x = ["classify handwritten 2, 7 and 9"]
     via = gen._texts(x, "paraphrase-minilm-l3")
-    with torch.no_grad():
-        want = load_projection("paraphrase-minilm-l3", "minilm-l6")(text_encoder("paraphrase-minilm-l3").encode(x))
+    want = load_projection("paraphrase-minilm-l3", "minilm-l6").embed(text_encoder("paraphrase-minilm-l3"), x)
     assert torch.allclose(via, want) and not torch.allclose(via, gen._texts(x))

@@ -98,6 +98,10 @@ class TextEncoder:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            # the graph's outputs: ids, ..., per-token states (B, L, dim), the pooled sentence (B, dim)
+            outs = self.session.get_outputs()
+            self._token_output = next(i for i, o in enumerate(outs) if len(o.shape) == 3)
+            self._sentence_output = next(i for i, o in enumerate(outs) if len(o.shape) == 2 and o.shape[1] == spec.dim)
             self.version = _file_hash(path)
         else:
             from transformers import AutoModel
@@ -115,17 +119,38 @@ class TextEncoder:
     def dim(self) -> int:
         return self.spec.dim
 
-    def _embed(self, texts: list[str]) -> torch.Tensor:
+    def _states(self, texts: list[str], max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token states (B, L, dim), attention mask (B, L) and, where the graph has one, its pooled output."""
         if self.spec.backend == "onnx":
-            b = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
+            b = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
             out = self.session.run(None, {"input_ids": b["input_ids"].astype(np.int64),
                                           "attention_mask": b["attention_mask"].astype(np.int64)})
-            return torch.from_numpy(out[3].astype(np.float32))  # (B, dim): the graph's mean-pooled output
-        b = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            return (torch.from_numpy(out[self._token_output].astype(np.float32)),
+                    torch.from_numpy(b["attention_mask"]).bool(),
+                    torch.from_numpy(out[self._sentence_output].astype(np.float32)))
+        b = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         with torch.no_grad():
-            out = self.model(**b).last_hidden_state  # (B, L, H)
-        mask = b["attention_mask"][..., None].to(out.dtype)
-        return (out * mask).sum(1) / mask.sum(1).clamp_min(1)
+            return self.model(**b).last_hidden_state, b["attention_mask"].bool(), None
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        states, mask, pooled = self._states(texts)
+        if pooled is not None:
+            return pooled  # (B, dim): the graph's mean-pooled output
+        m = mask[..., None].to(states.dtype)
+        return (states * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def encode_tokens(self, texts: list[str], max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token states (N, L, dim) float32 and mask (N, L), padded to the longest text (at most
+        ``max_length`` tokens): what XBT's token projections read (weightgen.xbt)."""
+        states, masks = [], []
+        for i in range(0, len(texts), 256):
+            st, m, _ = self._states(texts[i:i + 256], max_length)
+            states.append(st.float())
+            masks.append(m)
+        width = max(s.shape[1] for s in states)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1]) if t.ndim == 3  # noqa: E731
+                                                   else (0, width - t.shape[1]), value=v)
+        return torch.cat([pad(s, 0.0) for s in states]), torch.cat([pad(m, False) for m in masks])
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         with self._lock:

@@ -8,7 +8,8 @@ import json
 def cmd_xbt_fit(a) -> int:
     from weightgen.xbt import fit
 
-    print(fit(a.old, a.new, a.out, steps=a.steps, rank=a.rank, noise_std=a.noise, show_progress=not a.no_progress))
+    print(fit(a.old, a.new, a.out, steps=a.steps, rank=a.rank, noise_std=a.noise, tokens=not a.sentence,
+              show_progress=not a.no_progress))
     return 0
 
 
@@ -31,9 +32,11 @@ def add_xbt_parser(subparsers, int_in) -> None:
     s.add_argument("--old", required=True, help="the encoder generators were trained with (e.g. minilm-l6)")
     s.add_argument("--new", required=True, help="the encoder to adopt (e.g. paraphrase-minilm-l3)")
     s.add_argument("--out", help="directory (default: $WEIGHTGEN_HOME/xbt/NEW__to__OLD, where sampling looks)")
-    s.add_argument("--steps", type=int_in(1, None, "--steps"), default=3000)
+    s.add_argument("--steps", type=int_in(1, None, "--steps"), default=1000)
     s.add_argument("--rank", type=int_in(0, None, "--rank"), default=0, help="low-rank linear part (0: full)")
     s.add_argument("--noise", type=float, default=0.1, help="injected noise, relative to the embedding norm")
+    s.add_argument("--sentence", action="store_true",
+                   help="map the new encoder's pooled sentence embeddings (default: its per-token states)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_xbt_fit)
     s = xp.add_parser("eval", help="recall@1 of held-out phrasings old->old, new->old raw and projected; "

@@ -96,15 +96,33 @@ def test_instruction_requests_that_cannot_be_served_are_clear(use_tiny_home, tmp
     cases = [(["--instruction", "classify handwritten 2, 7 and 9", "--generator", "d2nwg-tiny"],
               "reads instructions"),
              (["--instruction", "classify handwritten 2"], "fewer than two"),
-             ([], "give --dataset"),
-             # trained on 5-class tasks: a 10-class sequence is longer than the prior's positions (was an
-             # IndexError inside GPT-2; the harness crashed on it)
-             (["--instruction", "classify handwritten 0, 1, 2, 3, 4, 5, 6, 7, 8 and 9", "--generator", "igpg-tiny"],
-              "positions for")]
+             ([], "give --dataset")]
     for extra, says in cases:
         rc = main(["sample", "--arch", "mlp-s", "--out", str(tmp_path / "x"), *extra])
         err = capsys.readouterr().err
         assert rc == 2 and says in err, (extra, err)
+    # more classes than the prior has positions for is a mismatch (was an IndexError inside GPT-2)
+    from weightgen.sampling import open_generator
+
+    gen = open_generator(use_tiny_home / "generators" / "igpg-tiny").model
+    assert "positions for" in gen.unfit_reason("mlp-s", (64,), 11) and gen.unfit_reason("mlp-s", (64,), 10) is None
+
+
+def test_instruction_with_more_classes_than_its_training_tasks(use_tiny_home, tmp_path, capsys):
+    """Trained on 5-class tasks, asked for more (positions exist up to 10): answered with a fitted
+    head on the remembered examples, and flagged."""
+    from weightgen.sampling import open_generator
+
+    known = open_generator(use_tiny_home / "generators" / "igpg-tiny").model.remembered_classes
+    assert len(known) > 5
+    names = known[:7]
+    rc = main(["sample", "--arch", "mlp-s", "--instruction", f"classify handwritten {', '.join(names)}",
+               "--generator", "igpg-tiny", "--n", "2", "--no-novelty", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["num_classes"] == len(names) and m["class_names"] == names and m["head_used"] == "fit"
+    assert any(f"{len(names)} classes requested from a generator trained on 5-class tasks" in w for w in m["warnings"])
 
 
 def test_dataset_and_instruction_both_condition(use_tiny_home):

@@ -259,11 +259,8 @@ def sample(arch: str, dataset: str | TaskData | None, generator: str | LoadedGen
     est_n = len(split.y_est)
     correct = int(round(float(accuracy_many(arch, k, shape, one, split.x_est, split.y_est)) * est_n)) if est_n else 0
     trained = gen.trained_for()
-    warnings = []
-    if trained["num_classes"] and k != trained["num_classes"]:
-        warnings.append(f"{k} classes requested from a generator trained on {trained['num_classes']}-class tasks; "
-                        f"measured on your data: {cands.score_basis} {float(cands.score[pick]):.3f}"
-                        + (" (the head was fitted to your data)" if head == "fit" else ""))
+    warnings = _class_count_warning(gen, k, cands, f"measured on your data: {cands.score_basis} "
+                                    f"{float(cands.score[pick]):.3f}")
     shift = check_inputs(loaded.input_profile, sx)
     if shift and shift["shifted"]:
         warnings.append(f"your inputs differ from those the generator was trained on (shift score {shift['score']:.2f}, "
@@ -313,6 +310,16 @@ def find_text_generator(arch: str, generator: str | None = None):
                                + (f" under the name {generator!r}" if generator else "")
                                + "; train one (`weightgen quickstart --with igpg`) or give a dataset")
     return _preferred(texts)
+
+
+def _class_count_warning(gen, k: int, c: Candidates, measured: str | None = None) -> list[str]:
+    """A request for another class count than the generator's training tasks had is flagged."""
+    trained = gen.trained_for()["num_classes"]
+    if not trained or k == trained:
+        return []
+    return [f"{k} classes requested from a generator trained on {trained}-class tasks"
+            + (f"; {measured}" if measured else "")
+            + (" (the head was fitted in closed form)" if c.fit else " (its own head)")]
 
 
 LIKELIHOOD = "the generator's own mean log-likelihood of the sample (no data to measure on)"
@@ -391,7 +398,7 @@ def sample_from_instruction(arch: str, instruction: str | None, generator: str |
                      (" and the generator's remembered training examples of these classes (its fitted head and "
                       "selection used those, not your data)" if remembered else " alone") +
                      "; no accuracy is predicted for your data; give --dataset to condition, fit and measure on "
-                     "examples"],
+                     "examples"] + _class_count_warning(gen, k, c),
         "support_size": 0, "support_accuracy": None, "predicted_accuracy": None, "predicted_accuracy_interval": None,
         "predicted_accuracy_n": 0, "predicted_accuracy_basis": "none: no data", "refine_steps": 0, "zero_shot": True,
         "seconds": round(time.time() - t0, 3)}

@@ -138,8 +138,13 @@ class IGPG(WeightGenerator):
                     stat_names={p.arch: list(p.layout.keys) for p in parts},
                     max_modules=max(len(p.layout.modules) for p in parts),
                     max_slot=max(int(p.layout.slot.max()) + 1 for p in parts),
-                    max_codes=max(p.layout.num_tokens for p in parts) * (config.get("prior_levels")
-                                                                         or config.get("vq_levels", 4)),
+                    # positions for every class count up to max_classes, not only the zoo's: the classifier
+                    # rows of a larger count are sampled at positions training never reached (so the pure
+                    # head is weak there, and sampling warns), but the rows before them are the generator's
+                    # and a fitted head makes the rest; before, such requests were refused outright
+                    max_codes=max(layout_for(p.arch, config.get("max_classes", 10), tuple(p.input_shape), p.mode,
+                                             p.layout.token_dim).num_tokens for p in parts)
+                    * (config.get("prior_levels") or config.get("vq_levels", 4)),
                     text_encoder_version=enc.version, text_dim=enc.dim, **config)
         for p in parts:
             model.stats[_key(p.arch)].set(p.standardizer, p.align_ref)

@@ -86,8 +86,26 @@ def test_the_main_job_runs_on_a_tiny_preset(tmp_path, monkeypatch, capsys):
     assert list((tmp_path / "home" / "samples").glob("*/model.safetensors"))
 
 
+def test_quickstart_trains_igpg_by_default_and_without_igpg_skips_it(tmp_path, monkeypatch):
+    import training.train
+    import weightgen.quickstart as qs
+
+    monkeypatch.setenv("WEIGHTGEN_HOME", str(tmp_path))
+    monkeypatch.setattr(qs, "POPULATION", dict(qs.POPULATION, tasks=4, seeds=1, steps=5))
+    trained = []
+    monkeypatch.setattr(training.train, "train", lambda tc, **_: trained.append(tc.name) or
+                        {"seconds": 0, "checkpoints": 0, "recon_gate": None})
+    qs.quickstart(show_progress=False)
+    assert trained == ["d2nwg-digits-mlp-s", "hypernet-digits-mlp-s", "igpg-digits-mlp-s"]
+    trained.clear()
+    qs.quickstart(show_progress=False, without=("igpg",), extra=("igpg",))  # old scripts' --with igpg: no effect
+    assert trained == ["d2nwg-digits-mlp-s", "hypernet-digits-mlp-s"]
+
+
 def test_quickstart_with_an_unknown_extra_is_a_clear_error():
     from weightgen.quickstart import quickstart
 
     with pytest.raises(ValueError, match="choose from igpg"):
         quickstart(extra=("gan",))
+    with pytest.raises(ValueError, match="unknown --without gan"):
+        quickstart(without=("gan",))

@@ -1,13 +1,14 @@
 """``weightgen quickstart``: the embedded default, end to end, idempotently.
 
 Builds the default zoo (mlp-s on the digits task family, from scikit-learn's shipped digits)
-and trains the default generators (D2NWG and the hypernetwork baseline it is compared with) into
-``$WEIGHTGEN_HOME``; ``--with igpg`` adds IGPG (instruction-only requests). Steps whose output
-exists are skipped, so re-running is cheap.
+and trains the default generators — D2NWG, the hypernetwork baseline it is compared with, and
+IGPG (weights from an instruction alone) — into ``$WEIGHTGEN_HOME``; ``--without igpg`` skips
+IGPG. Steps whose output exists are skipped, so re-running is cheap.
 
-IGPG is opt-in because of the 20-minute budget of the main job on 2 cores: it trained in 29 min
-under load (VQ 2,500 + prior 1,200 steps) against D2NWG's 13, and from data it adds nothing over
-D2NWG with the fitted head (RESULTS.md); what it alone offers is weights from an instruction.
+Measured on 2 quiet cores (2026-12-03): the whole quickstart 14 min 32 s — zoo about 1 min,
+D2NWG 4.8 min, hypernetwork 0.7 min, IGPG 8.8 min (VQ 2,500 + prior 1,200 steps). IGPG was opt-in
+while it trained in 29 min with the cores shared three ways; under such load the whole run can
+pass 20 min, hence ``--without igpg``.
 """
 from __future__ import annotations
 
@@ -20,20 +21,24 @@ from weightgen.paths import default_zoo, generators_dir
 
 CONFIGS = Path(training.__file__).parent / "configs"
 POPULATION = dict(arch="mlp-s", family="digits-subsets", tasks=200, seeds=5, steps=300, k=5)
-GENERATOR_CONFIGS = ("d2nwg_digits.yaml", "hypernet_digits.yaml")
-OPTIONAL_CONFIGS = {"igpg": "igpg_digits.yaml"}  # quickstart --with NAME
+GENERATOR_CONFIGS = ("d2nwg_digits.yaml", "hypernet_digits.yaml", "igpg_digits.yaml")
+OPTIONAL_CONFIGS = {"igpg": "igpg_digits.yaml"}  # quickstart --without NAME (--with NAME: kept for old scripts)
 FAST = {"population": dict(tasks=40, seeds=3, steps=150), "stage_scale": 0.1, "suffix": "-fast"}
 
 
-def quickstart(fast: bool = False, show_progress: bool = True, extra: tuple[str, ...] = ()) -> dict:
+def quickstart(fast: bool = False, show_progress: bool = True, extra: tuple[str, ...] = (),
+               without: tuple[str, ...] = ()) -> dict:
     from training.config import TrainConfig
     from training.train import train
     from zoo import open_zoo
     from zoo.population import PopulationConfig, build_population
 
-    unknown = sorted(set(extra) - set(OPTIONAL_CONFIGS))
-    if unknown:
-        raise ValueError(f"unknown --with {', '.join(unknown)}; choose from {', '.join(OPTIONAL_CONFIGS)}")
+    for flag, names in (("--with", extra), ("--without", without)):
+        unknown = sorted(set(names) - set(OPTIONAL_CONFIGS))
+        if unknown:
+            raise ValueError(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(OPTIONAL_CONFIGS)}")
+    skip = {OPTIONAL_CONFIGS[w] for w in without}
+    configs = [c for c in dict.fromkeys((*GENERATOR_CONFIGS, *(OPTIONAL_CONFIGS[e] for e in extra))) if c not in skip]
     t0 = time.time()
     pop = {**POPULATION, **(FAST["population"] if fast else {})}
     zoo_url = default_zoo()
@@ -45,7 +50,7 @@ def quickstart(fast: bool = False, show_progress: bool = True, extra: tuple[str,
     else:
         print(f"[quickstart] zoo: training {cfg.tasks * cfg.seeds} {cfg.arch} models on {cfg.tasks} {cfg.family} tasks")
         report["population"] = build_population(cfg, zoo_url, show_progress=show_progress)
-    for name in (*GENERATOR_CONFIGS, *(OPTIONAL_CONFIGS[e] for e in extra)):
+    for name in configs:
         tc = TrainConfig.from_yaml(CONFIGS / name)
         if fast:
             tc.name += FAST["suffix"]

@@ -308,7 +308,7 @@ def find_text_generator(arch: str, generator: str | None = None):
     if not texts:
         raise NoGeneratorError(f"No trained generator that reads instructions makes {arch}"
                                + (f" under the name {generator!r}" if generator else "")
-                               + "; train one (`weightgen quickstart` trains IGPG) or give a dataset")
+                               + "; `weightgen quickstart` trains one, or give a dataset")
     return _preferred(texts)
 
 

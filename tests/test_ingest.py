@@ -162,6 +162,55 @@ def test_kill_9_mid_ingest_then_rerun_completes(tmp_path):
     assert set(z.ids()) == {checkpoint_id(sd) for _, sd in files}
 
 
+def test_a_writer_killed_inside_its_commit_step_leaves_the_zoo_readable_and_gc_cleans_up(tmp_path, monkeypatch):
+    """A kill -9 after a commit's folder exists but before its document is renamed into place leaves
+    the folder with only zarr's temp file. Readers skip it (they once re-listed the zoo forever at
+    100 % CPU: a hang found by the kill -9 test above, about 1 run in 4); gc removes it with its
+    segment; every published entry stays whole, and ingesting again adds what was lost."""
+    import zarr
+
+    import zoo.ingest as zi
+
+    files = make_mlp_files(tmp_path / "in", 24)
+    zoo_dir = str(tmp_path / "zoo")
+    first = make_mlp_files(tmp_path / "first", 8, start_seed=100)
+    ingest([str(tmp_path / "first")], zoo_dir, "mlp-s", DS, show_progress=False)
+    published = set(Zoo(zoo_dir, mode="r").ids())
+    assert published == {checkpoint_id(sd) for _, sd in first}
+
+    real = zarr.Group.create_group
+
+    def killed_mid_commit(self, name, **kw):  # the folder and zarr's temp file exist; the rename never happens
+        if "/commits/" not in name:
+            return real(self, name, **kw)
+        folder = Path(zoo_dir) / name
+        folder.mkdir(parents=True)
+        (folder / "zarr.json.0f3a.partial").write_text(json.dumps({"attributes": kw.get("attributes", {})}))
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(zarr.Group, "create_group", killed_mid_commit)
+    monkeypatch.setattr(zi, "BATCH_ROWS", 8)
+    with pytest.raises(KeyboardInterrupt):
+        ingest([str(tmp_path / "in")], zoo_dir, "mlp-s", DS, show_progress=False)
+    monkeypatch.setattr(zarr.Group, "create_group", real)
+
+    z = Zoo(zoo_dir, mode="r")
+    assert set(z.ids()) == published and len(z) == len(published)
+    assert all(checkpoint_id(z.load(i)) == i for i in published)
+    torn = [p.parent.name for p in Path(zoo_dir).glob("collections/*/commits/*/zarr.json.*.partial")]
+    assert len(torn) == 1
+    from zoo.gc import collect
+
+    report = collect(Zoo(zoo_dir), min_age_s=0)
+    assert [r.split("/")[1] for r in report["removed_unpublished"]] == torn
+    assert [r.split("/")[1] for r in report["removed_segments"]] == torn
+    assert not list(Path(zoo_dir).glob(f"collections/*/commits/{torn[0]}")), "the torn commit folder is gone"
+    assert not list(Path(zoo_dir).glob(f"collections/*/segments/{torn[0]}")), "... with its segment"
+    assert set(Zoo(zoo_dir, mode="r").ids()) == published
+    ingest([str(tmp_path / "in")], zoo_dir, "mlp-s", DS, show_progress=False)
+    assert set(Zoo(zoo_dir, mode="r").ids()) == published | {checkpoint_id(sd) for _, sd in files}
+
+
 def test_two_concurrent_ingesters_lose_nothing(tmp_path):
     a = make_mlp_files(tmp_path / "a", 120)
     b = make_mlp_files(tmp_path / "b", 120, start_seed=80)  # 40 checkpoints in both

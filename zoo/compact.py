@@ -228,9 +228,9 @@ def _merge_groups(zoo, v, keys: list[str], tier, min_members: int, target_bytes:
     """Merge ``keys`` commits, grouped by collection, tensor layout and ``tier(key)``, oldest first,
     in batches of up to ``target_bytes``; groups of fewer than ``min_members`` are left alone."""
     keys = sorted(keys, key=lambda k: k.split("/", 1)[1])
-    docs = dict(zip(keys, _read_present(zoo, [zoo._commit_path(k) for k in keys])))
+    docs = dict(zip(keys, zoo._read_present([zoo._commit_path(k) for k in keys])))
     keys = [k for k in keys if docs[k] is not None]  # merged away by another writer since the listing
-    seg_meta = dict(zip(keys, _read_present(zoo, [f"collections/{k.split('/')[0]}/segments/{docs[k]['segment']}"
+    seg_meta = dict(zip(keys, zoo._read_present([f"collections/{k.split('/')[0]}/segments/{docs[k]['segment']}"
                                                    for k in keys])))
     keys = [k for k in keys if seg_meta[k] is not None]
     groups: dict[tuple, list[str]] = {}
@@ -254,20 +254,6 @@ def _merge_groups(zoo, v, keys: list[str], tier, min_members: int, target_bytes:
                 batch.append((k, alive[k]))
                 n += len(alive[k])
     return report
-
-
-def _read_present(zoo, paths: list[str]) -> list[dict | None]:
-    """Documents of ``paths``, None for those deleted since they were listed (a concurrent merge)."""
-    try:
-        return zoo._read_docs(paths)
-    except FileNotFoundError:
-        out = []
-        for p in paths:
-            try:
-                out.append(zoo._read_docs([p])[0])
-            except FileNotFoundError:
-                out.append(None)
-        return out
 
 
 def _storage(dtype: str) -> str:

@@ -82,7 +82,8 @@ def _compact(zoo, cid: str, seg: str, attrs: dict, alive: list[int]) -> str:
 def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) -> dict:
     """Delete what no visible entry needs; see the module docstring for why this never loses one.
 
-    Returns ``{"removed_segments", "dropped_commits", "compacted", "kept_leased", "removed_index"}`` (paths)."""
+    Returns ``{"removed_segments", "dropped_commits", "compacted", "kept_leased", "removed_index",
+    "removed_unpublished"}`` (paths)."""
     if zoo.read_only:
         raise ZooError(f"Zoo {zoo.url} is open read-only")
     if isinstance(min_age_s, bool) or not isinstance(min_age_s, (int, float)) or not math.isfinite(min_age_s) \
@@ -91,7 +92,7 @@ def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) ->
     ttl = lease.ttl() if lease_ttl_s is None else float(lease_ttl_s)
     now = time.time()
     report: dict[str, list[str]] = {"removed_segments": [], "dropped_commits": [], "compacted": [], "kept_leased": [],
-                                    "removed_index": []}
+                                    "removed_index": [], "removed_unpublished": []}
     cids = sorted(c for c in zoo._list("collections") if c != "zarr.json")
     # 1. segments, 2. leases, 3. commits: this order is what makes the lease protocol safe
     segments = {cid: [s for s in zoo._list(f"collections/{cid}/segments") if s != "zarr.json"] for cid in cids}
@@ -99,6 +100,7 @@ def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) ->
               for s in zoo._list(f"collections/{cid}/leases") if s != "zarr.json"}
     zoo.refresh()
     ev_t = zoo._view().events(["commit", "kind", "id", "cid", "seg", "row", "committed_at"]).to_pydict()
+    unpublished = set(zoo._view().unpublished)  # commit folders whose document never landed
 
     committed_at: dict[str, float] = {}
     shown_since: dict[str, float] = {}
@@ -143,6 +145,9 @@ def collect(zoo, min_age_s: float = 3600.0, lease_ttl_s: float | None = None) ->
             if now - born < min_age_s:
                 continue
             zoo._delete_prefix(f"collections/{cid}/leases/{seg}")  # the lease first: its writer must not commit
+            if f"{cid}/{seg}" in unpublished:  # its writer died inside the commit step (kill -9 mid-rename)
+                zoo._delete_prefix(zoo._commit_path(f"{cid}/{seg}"))
+                report["removed_unpublished"].append(f"{cid}/{seg}")
             _delete_segment(zoo, cid, seg)
             report["removed_segments"].append(f"{cid}/{seg}")
     for (cid, seg), attrs in leases.items():  # leases whose writer died before its segment, or after its commit

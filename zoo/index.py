@@ -65,8 +65,16 @@ class View:
         covered = {c for p in self.parts for c in p.commits}
         self.absent = covered - listed  # commits deleted since the snapshot (compaction, gc)
         self.gone = self.absent - set(doc.get("dropped", []))  # ... and not yet accounted for in its bitmap
-        self.tail_keys = sorted((c for c in self.commits if c not in covered), key=_order_of)
-        docs = zoo._read_docs([zoo._commit_path(k) for k in self.tail_keys])
+        tail = sorted((c for c in self.commits if c not in covered), key=_order_of)
+        found = zoo._read_present([zoo._commit_path(k) for k in tail])
+        # a commit folder without its document is not a commit: its writer is still renaming the document
+        # into place, or was killed before it did (gc removes those); every reading skipped them before
+        # the folder existed, and skips them the same way until the document lands
+        self.unpublished = [k for k, d in zip(tail, found) if d is None]
+        self.tail_keys, docs = [k for k, d in zip(tail, found) if d is not None], [d for d in found if d is not None]
+        if self.unpublished:
+            skipped = set(self.unpublished)
+            self.commits = [c for c in self.commits if c not in skipped]
         cache = zoo._tables  # a commit's events never change: a writer rebuilds only its new commits' tables
         for k, d in zip(self.tail_keys, docs):
             if k not in cache:

@@ -110,11 +110,12 @@ class Zoo(StoreIO):
             from zoo.index import View
 
             skip: set[str] = set()
-            while self._v is None:
+            for attempt in range(4):  # bounded by attempts: with no snapshot, skip would never grow
                 try:
                     self._v = View(self, skip)
+                    break
                 except FileNotFoundError:  # gc took that snapshot's files after it was listed
-                    if len(skip) >= 3:
+                    if attempt == 3:
                         raise
                     skip.add(self._last_snapshot)
         return self._v

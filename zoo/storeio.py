@@ -40,6 +40,21 @@ class StoreIO:
             self._docs.update(zip(todo, self._fetch_docs(todo)))
         return [self._docs[p] for p in paths]
 
+    def _read_present(self, paths: list[str]) -> list[dict | None]:
+        """Documents of ``paths``, None for those that are not there: deleted since they were listed
+        (a concurrent merge or gc), or never published (a writer killed before its commit's document
+        landed leaves the commit's folder without it)."""
+        try:
+            return self._read_docs(paths)
+        except FileNotFoundError:
+            out = []
+            for p in paths:
+                try:
+                    out.append(self._read_docs([p])[0])
+                except FileNotFoundError:
+                    out.append(None)
+            return out
+
     def _fetch_docs(self, paths: list[str]) -> list[dict]:
         proto = default_buffer_prototype()
 

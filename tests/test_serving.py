@@ -308,6 +308,7 @@ def test_instruction_alone(client, serve_home):
     assert r.status_code == 200, r.text
     m = json.loads(metadata(r.content)["weightgen"])["manifest"]
     assert r.headers["x-weightgen-generator"] == "igpg-tiny" and m["num_classes"] == 3
+    assert m["support"]["source"] == "class memory" and m["head_used"] == "fit"  # declared, as from the CLI
     assert r.headers["x-weightgen-predicted-accuracy"] == "" and r.headers["x-weightgen-support-accuracy"] == ""
     assert any("no data was given" in w for w in json.loads(unquote(r.headers["x-weightgen-warnings"])))
     from weightgen import build_model

@@ -67,14 +67,18 @@ class View:
         self.gone = self.absent - set(doc.get("dropped", []))  # ... and not yet accounted for in its bitmap
         tail = sorted((c for c in self.commits if c not in covered), key=_order_of)
         found = zoo._read_present([zoo._commit_path(k) for k in tail])
-        # a commit folder without its document is not a commit: its writer is still renaming the document
-        # into place, or was killed before it did (gc removes those); every reading skipped them before
-        # the folder existed, and skips them the same way until the document lands
         self.unpublished = [k for k, d in zip(tail, found) if d is None]
-        self.tail_keys, docs = [k for k, d in zip(tail, found) if d is not None], [d for d in found if d is not None]
         if self.unpublished:
+            # A commit listed without its document was either deleted since the listing (a merge or gc,
+            # whose replacement this listing may lack: read the zoo again) or never published (its writer
+            # is renaming the document into place, or was killed first; gc removes those). Only the second
+            # keeps the zoo's commits as they were: then it is skipped, as before its folder existed.
+            again = zoo._list_commits()
+            if set(again) - listed or set(self.unpublished) - set(again):
+                raise FileNotFoundError(f"commits of {zoo.url} changed while it was read")
             skipped = set(self.unpublished)
             self.commits = [c for c in self.commits if c not in skipped]
+        self.tail_keys, docs = [k for k, d in zip(tail, found) if d is not None], [d for d in found if d is not None]
         cache = zoo._tables  # a commit's events never change: a writer rebuilds only its new commits' tables
         for k, d in zip(self.tail_keys, docs):
             if k not in cache:

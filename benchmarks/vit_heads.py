@@ -109,9 +109,9 @@ def run(args) -> dict:
     gen, _ = train_feature_head(hz, steps=args.steps, hidden=args.hidden, support_per_class=args.shots, progress=False)
     gen_s = time.time() - t0
     g = torch.Generator().manual_seed(1)
-    rows = {m: [] for m in ("generated (first)", "generated (mean of 8)", "generated (best of 8 on support)",
-                            "closed-form LDA", "linear probe", "nearest class mean", "imprinting",
-                            "nearest zoo head (best on the support)")}
+    methods = ("generated (first)", "generated (mean of 8)", "generated (best of 8 on support)", "closed-form LDA",
+               "linear probe", "nearest class mean", "imprinting", "nearest zoo head (best on the support)")
+    small, large = {m: [] for m in methods}, {m: [] for m in methods}  # k = 2..5 and k = 6..10, reported apart
     per_k: dict[int, list[float]] = {}
     tasks = [[held[i] for i in torch.randperm(5, generator=g)[:2 + t % 4].tolist()] for t in range(args.tasks)]
     # more classes than the 5 held out: all five plus k - 5 source classes, in random label order
@@ -122,8 +122,7 @@ def run(args) -> dict:
         tasks.append([both[i] for i in torch.randperm(len(both), generator=g).tolist()])
     for t, cls in enumerate(tasks):
         k = len(cls)
-        if t == args.tasks:  # the k = 6..10 tasks are reported on their own
-            small, rows = rows, {m: [] for m in rows}
+        rows = small if t < args.tasks else large
         s_idx, q_idx = [], []
         for c in cls:
             tr = (ytr == c).nonzero().flatten()
@@ -150,11 +149,6 @@ def run(args) -> dict:
         rows["nearest zoo head (best on the support)"].append(  # none of k classes in the zoo: n/a
             float((near == yq).float().mean()) if near is not None else float("nan"))
         per_k.setdefault(k, []).append(float(acc_q[int(acc_s.argmax())]) / max(rows["linear probe"][-1], 1e-8))
-    if args.large_tasks:
-        small, large = small, rows
-    else:
-        small, large = rows, {}
-
     def table(rows):
         probe = float(np.mean(rows["linear probe"]))
         return {m: {"mean": round(float(np.mean(v)), 4), "vs_probe": round(float(np.mean(v)) / probe, 3)}
@@ -163,7 +157,7 @@ def run(args) -> dict:
             "backbone_train_s": round(train_s, 1),
             "features_s_5000_images": round(feat_s, 1), "generator_train_s": round(gen_s, 1),
             "whiten_shrinkage": gen.config.whiten_shrinkage,
-            "results": table(small), "results_k6_to_10": table(large) if large else None,
+            "results": table(small), "results_k6_to_10": table(large) if args.large_tasks else None,
             "best_of_8_vs_probe_by_k": {k: round(float(np.mean(v)), 3) for k, v in sorted(per_k.items())}}
 
 

@@ -42,11 +42,12 @@ SHRINKAGE_GRID = (1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 @torch.no_grad()
-def source_whitening(data, standardize, per_class: int, tasks: int = 60, seed: int = 0) -> tuple[float, torch.Tensor]:
+def source_whitening(data, standardize, per_class: int, shrinkage: float | None = None, tasks: int = 60,
+                     seed: int = 0) -> tuple[float, torch.Tensor]:
     """(shrinkage, (S + shrinkage I)^-1): the pooled within-class covariance S of the head zoo's
-    standardized source features, its shrinkage chosen on source tasks alone — S estimated from one
-    half of each class's rows, the rule scored on ``per_class``-shot tasks drawn from the other half —
-    then S re-estimated from all rows. Held-out classes play no part in the choice."""
+    standardized source features, its shrinkage (unless given) chosen on source tasks alone — S
+    estimated from one half of each class's rows, the rule scored on ``per_class``-shot tasks drawn
+    from the other half — then S re-estimated from all rows. Held-out classes play no part in the choice."""
     g = torch.Generator().manual_seed(seed)
     f = standardize(data.features.float())
     classes = sorted({c for cls in data.classes for c in cls})
@@ -60,7 +61,10 @@ def source_whitening(data, standardize, per_class: int, tasks: int = 60, seed: i
         cen = torch.cat([f[rows_of[c]] - f[rows_of[c]].mean(0) for c in classes])
         return cen.T @ cen / len(cen)
 
-    s_half, eye = within({c: h[0] for c, h in halves.items()}), torch.eye(f.shape[1])
+    eye = torch.eye(f.shape[1])
+    if shrinkage is not None:
+        return shrinkage, torch.linalg.inv(within({c: torch.cat(h) for c, h in halves.items()}) + shrinkage * eye)
+    s_half = within({c: h[0] for c, h in halves.items()})
     picks = [data.classes[i] for i in torch.randint(len(data.classes), (tasks,), generator=g).tolist()]
     draws = []
     for cls in picks:
@@ -118,8 +122,9 @@ class FeatureHead(WeightGenerator):
                     train_class_counts=tuple(data.class_counts), **config)
         model.feat_mean.copy_(data.features.mean(0))
         model.feat_std.copy_(data.features.std(0).clamp_min(1e-6))
-        if "whiten_shrinkage" not in config:
-            lam, inv = source_whitening(data, model.standardize, model.support_per_class)
+        lam = config.get("whiten_shrinkage")  # None: chosen on source tasks; 0: no whitening (the diagonal rule)
+        if lam is None or lam > 0:
+            lam, inv = source_whitening(data, model.standardize, model.support_per_class, lam)
             model.whiten.copy_(inv)
             model.register_to_config(whiten_shrinkage=lam)
         return model
